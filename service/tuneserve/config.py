@@ -1,0 +1,160 @@
+"""The server's one configuration object: declared once, validated once at start-up, passed
+down. Every setting is a flag (`--base-model`) and an environment variable
+(`TUNESERVE_BASE_MODEL`); a flag wins over the environment. The `help` of each field is its
+documentation and is what `tuneserve serve --help` prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneserve.errors import InvalidArgument, collect
+
+ENV_PREFIX = "TUNESERVE_"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    base_model: str = _opt("", "Base model: a Hugging Face Hub id (e.g. gpt2) or a local directory.")
+    device: str = _opt("auto", "Torch device: auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = _opt(
+        "auto", "Weights dtype: auto (bfloat16 on CUDA that supports it, else float32), "
+        "float32, bfloat16 or float16."
+    )
+    listen: str = _opt("0.0.0.0:50051", "gRPC listen address host:port; port 0 picks a free one.")
+    data_dir: Path = _opt(
+        Path("tuneserve-data"), "Where the job store, dataset snapshots and adapters live."
+    )
+    dataset_roots: tuple[Path, ...] = _opt(
+        (), "Directories TrainJob may read dataset files from (repeat the flag; in the "
+        "environment, separate with ':'). Empty: only inline datasets.", multiple=True
+    )
+    grace_period_s: float = _opt(10.0, "On SIGTERM, seconds in-flight calls get to finish.")
+    max_dataset_rows: int = _opt(100_000, "Most rows a dataset may have.")
+    max_dataset_bytes: int = _opt(256 * 1024 * 1024, "Largest dataset file or request, in bytes.")
+    max_prompt_tokens: int = _opt(4096, "Longest prompt Generate accepts, in tokens.")
+    max_new_tokens: int = _opt(2048, "Largest max_new_tokens Generate accepts.")
+    default_max_new_tokens: int = _opt(64, "max_new_tokens when a request leaves it unset.")
+    max_loaded_adapters: int = _opt(8, "Adapters kept loaded in memory (least recently used go).")
+    max_job_attempts: int = _opt(
+        3, "Starts a job gets across restarts before an interrupted job is marked FAILED."
+    )
+    max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message accepted.")
+    log_format: str = _opt("text", "Log format: text or json.")
+    log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    def validate(self) -> ServerConfig:
+        """Every problem at once, as InvalidArgument naming the setting."""
+        problems: list[InvalidArgument] = []
+
+        def bad(name: str, message: str) -> None:
+            problems.append(InvalidArgument(f"{name}: {message}", field=name))
+
+        if not self.base_model:
+            bad("base_model", "required (a Hub id such as gpt2, or a local model directory)")
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", f"{self.dtype!r} is not auto, float32, bfloat16 or float16")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            bad("listen", f"{self.listen!r} is not host:port")
+        for root in self.dataset_roots:
+            if not root.is_dir():
+                bad("dataset_roots", f"{root} is not a directory")
+        for name in (
+            "max_dataset_rows", "max_dataset_bytes", "max_prompt_tokens", "max_new_tokens",
+            "default_max_new_tokens", "max_loaded_adapters", "max_job_attempts",
+            "max_message_bytes",
+        ):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            bad("default_max_new_tokens", "must not exceed max_new_tokens")
+        if self.grace_period_s < 0:
+            bad("grace_period_s", "must not be negative")
+        if self.log_format not in ("text", "json"):
+            bad("log_format", f"{self.log_format!r} is not text or json")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            bad("log_level", f"{self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        collect(problems)
+        return dataclasses.replace(
+            self,
+            data_dir=self.data_dir.resolve(),
+            dataset_roots=tuple(r.resolve() for r in self.dataset_roots),
+            log_level=self.log_level.upper(),
+        )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are left unset so the environment can fill them."""
+    for f in dataclasses.fields(ServerConfig):
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+        if f.metadata.get("multiple"):
+            kwargs["action"] = "append"
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind = type(f.default) if f.default != () else tuple
+    if f.metadata.get("multiple"):
+        items = raw.split(os.pathsep) if isinstance(raw, str) else raw
+        return tuple(Path(p) for p in items if p)
+    if kind is bool:
+        return str(raw).lower() in ("1", "true", "yes", "on")
+    if kind is int or kind is float:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise InvalidArgument(f"{f.name}: {raw!r} is not a number", field=f.name) from None
+    if issubclass(kind, Path):
+        return Path(raw)
+    return str(raw)
+
+
+def load_config(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Build and validate the configuration from parsed flags over environment variables."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None and raw != "":
+            values[f.name] = _convert(f, raw)
+    return ServerConfig(**values).validate()
+
+
+def config_from_flags(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_config(parser.parse_args(list(argv)), env)

@@ -1,0 +1,1 @@
+"""Datasets: reading and validating rows (no torch), and turning them into training examples."""

@@ -1,0 +1,71 @@
+"""Rows to training examples: tokenised, loss masked, end-of-sequence appended, and padded
+per batch (never to a fixed maximum)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tuneserve.data.rows import Row
+from tuneserve.jobs.model import DatasetFormat
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def encode_rows(
+    rows: Sequence[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset_format: DatasetFormat,
+    max_seq_length: int,
+) -> list[Example]:
+    """Text rows train on every token; prompt/response rows on the response only. The
+    end-of-sequence token is appended so the model learns to stop; it is cut off with the
+    rest when a row is truncated, since such a row did not end there."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-sequence token")
+    examples = []
+    if dataset_format is DatasetFormat.TEXT:
+        encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
+        for ids in encoded:
+            ids = (list(ids) + [eos])[:max_seq_length]
+            examples.append(Example(ids, list(ids)))
+    else:
+        prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
+        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p, r in zip(prompts, responses, strict=True):
+            ids = (list(p) + list(r) + [eos])[:max_seq_length]
+            labels = ([IGNORE_INDEX] * len(p) + list(r) + [eos])[:max_seq_length]
+            examples.append(Example(ids, labels))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example in the batch; pad positions are masked from attention and
+    from the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,163 @@
+"""Dataset rows: read from the request or from a JSONL file under an allowed root, and
+validated before a job is queued. Every error names the row and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuneserve.errors import InvalidArgument
+from tuneserve.jobs.model import DatasetFormat
+
+Row = dict[str, str]
+
+
+def resolve_dataset_path(path: str, roots: Sequence[Path]) -> Path:
+    """The real path of `path` if it lies under one of `roots`; symlinks cannot escape."""
+    if not roots:
+        raise InvalidArgument(
+            "dataset.path: this server reads no dataset files (start it with --dataset-roots)",
+            field="dataset.path",
+        )
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in roots):
+        raise InvalidArgument(
+            f"dataset.path: {path} is outside the allowed dataset roots", field="dataset.path"
+        )
+    if not real.is_file():
+        raise InvalidArgument(f"dataset.path: {path} is not a file", field="dataset.path")
+    return real
+
+
+def read_jsonl(path: Path, *, max_bytes: int, max_rows: int) -> list[Mapping[str, Any]]:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"dataset.path: {size} bytes is over the limit of {max_bytes}", field="dataset.path"
+        )
+    rows: list[Mapping[str, Any]] = []
+    with path.open("r", encoding="utf-8", errors="strict") as f:
+        for index, line in enumerate(_lines(f, path)):
+            if not line.strip():
+                raise InvalidArgument(
+                    f"dataset.path: row {index} (line {index + 1}) is empty",
+                    field="dataset.path",
+                    row=index,
+                )
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(
+                    f"dataset.path: row {index} (line {index + 1}) is not valid JSON: {e.msg}",
+                    field="dataset.path",
+                    row=index,
+                ) from None
+            if not isinstance(obj, dict):
+                raise InvalidArgument(
+                    f"dataset.path: row {index} (line {index + 1}) is not a JSON object",
+                    field="dataset.path",
+                    row=index,
+                )
+            rows.append(obj)
+            if len(rows) > max_rows:
+                raise InvalidArgument(
+                    f"dataset.path: more than {max_rows} rows", field="dataset.path"
+                )
+    return rows
+
+
+def _lines(f: Iterable[str], path: Path) -> Iterable[str]:
+    try:
+        yield from (line.rstrip("\n") for line in f)
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            f"dataset.path: {path.name} is not UTF-8 text", field="dataset.path"
+        ) from None
+
+
+def validate_rows(
+    rows: Sequence[Mapping[str, Any]], *, field_prefix: str, max_rows: int
+) -> tuple[DatasetFormat, list[Row]]:
+    """Check every row has one form and non-empty strings; return the form and clean rows.
+
+    `field_prefix` names the rows in errors: "dataset.inline.rows" gives
+    "dataset.inline.rows[3].response"."""
+    if not rows:
+        raise InvalidArgument(f"{field_prefix}: the dataset has no rows", field=field_prefix)
+    if len(rows) > max_rows:
+        raise InvalidArgument(
+            f"{field_prefix}: {len(rows)} rows is over the limit of {max_rows}",
+            field=field_prefix,
+        )
+    form: DatasetFormat | None = None
+    clean: list[Row] = []
+    for index, row in enumerate(rows):
+        where = f"{field_prefix}[{index}]"
+        row_form = _row_form(row, where, index)
+        if form is None:
+            form = row_form
+        elif row_form != form:
+            raise InvalidArgument(
+                f"{where}: is a {row_form.value} row but row 0 is a {form.value} row; "
+                "all rows must have the same form",
+                field=where,
+                row=index,
+            )
+        keys = ("text",) if row_form is DatasetFormat.TEXT else ("prompt", "response")
+        clean.append({k: row[k] for k in keys})
+    assert form is not None
+    return form, clean
+
+
+def _row_form(row: Mapping[str, Any], where: str, index: int) -> DatasetFormat:
+    present = {k for k in ("text", "prompt", "response") if row.get(k) not in (None, "")}
+    for key in present:
+        if not isinstance(row[key], str):
+            raise InvalidArgument(
+                f"{where}.{key}: must be a string, not {type(row[key]).__name__}",
+                field=f"{where}.{key}",
+                row=index,
+            )
+    if present == {"text"}:
+        return DatasetFormat.TEXT
+    if present == {"prompt", "response"}:
+        return DatasetFormat.PROMPT_RESPONSE
+    if "text" in present:
+        raise InvalidArgument(
+            f"{where}: has both text and prompt/response; give one or the other",
+            field=f"{where}.text",
+            row=index,
+        )
+    if "prompt" in present:
+        raise InvalidArgument(
+            f"{where}.response: is missing or empty", field=f"{where}.response", row=index
+        )
+    if "response" in present:
+        raise InvalidArgument(
+            f"{where}.prompt: is missing or empty", field=f"{where}.prompt", row=index
+        )
+    raise InvalidArgument(
+        f"{where}: needs a non-empty text, or a non-empty prompt and response",
+        field=f"{where}.text",
+        row=index,
+    )
+
+
+def write_snapshot(rows: Sequence[Row], path: Path) -> None:
+    """Atomically write the validated rows, so a restarted job trains on the same data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_snapshot(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,1 @@
+"""Inference: the base model, loaded adapters and the decoding loop."""

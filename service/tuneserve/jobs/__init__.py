@@ -1,0 +1,1 @@
+"""Jobs: the persisted record of every fine-tune, its queue and the worker that runs it."""

@@ -1,0 +1,344 @@
+"""The job queue and its worker: jobs run one at a time, in the order they were accepted, on
+a background thread. States move QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and
+every change is written to the store, so a restart loses nothing:
+
+- a job QUEUED when the process stopped is queued again, in its old place;
+- a job RUNNING when the process died starts again from the beginning, unless it has
+  already been started `max_job_attempts` times, in which case it is FAILED (INTERRUPTED)
+  rather than crash-looping the server;
+- on a graceful shutdown the running job is stopped and put back in the queue.
+
+Progress of the running job is kept in memory at every step and written to the store at
+most once a second, so GetStatus is exact while the store is not hammered."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuneserve.data.rows import (
+    Row,
+    read_jsonl,
+    read_snapshot,
+    resolve_dataset_path,
+    validate_rows,
+    write_snapshot,
+)
+from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.jobs.model import (
+    DatasetFormat,
+    Job,
+    JobFailure,
+    JobSpec,
+    JobState,
+    LoraSpec,
+    Progress,
+    TrainingSpec,
+)
+from tuneserve.jobs.store import JobStore
+from tuneserve.registry import AdapterInfo, AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+PERSIST_EVERY_S = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest:
+    """A TrainJob call, transport-free. Exactly one of `rows` and `dataset_path` is set."""
+
+    rows: Sequence[dict[str, Any]] | None = None
+    dataset_path: str | None = None
+    adapter_id: str = ""
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
+    training: TrainingSpec = dataclasses.field(default_factory=TrainingSpec)
+    request_id: str = ""
+
+
+class Trainer(Protocol):
+    """Trains one job's adapter into `output_dir`; raises StopTraining when told to stop."""
+
+    def __call__(
+        self,
+        *,
+        spec: JobSpec,
+        rows: Sequence[Row],
+        output_dir: Path,
+        on_progress: Callable[[Progress], None],
+        should_stop: Callable[[], bool],
+    ) -> Any: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    dataset_roots: tuple[Path, ...] = ()
+    max_dataset_rows: int = 100_000
+    max_dataset_bytes: int = 256 * 1024 * 1024
+    max_job_attempts: int = 3
+
+
+class JobManager:
+    """Thread-safe: every public method may be called from any thread."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        registry: AdapterRegistry,
+        trainer: Trainer,
+        base_model: str,
+        datasets_dir: Path,
+        limits: Limits,
+        on_adapter_registered: Callable[[AdapterInfo], None] = lambda info: None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._trainer = trainer
+        self._base_model = base_model
+        self._datasets_dir = datasets_dir
+        self._limits = limits
+        self._on_registered = on_adapter_registered
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._running: Job | None = None
+        self._cancel_running = False
+        self._stopping = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle
+
+    def start(self) -> None:
+        """Recover jobs left by the last process and start the worker."""
+        for job in self._store.in_states(JobState.RUNNING):
+            if job.attempts >= self._limits.max_job_attempts:
+                log.warning("job %s was interrupted %d times; failing it", job.id, job.attempts)
+                self._finish(
+                    job,
+                    JobState.FAILED,
+                    JobFailure(
+                        code="INTERRUPTED",
+                        message=f"the server stopped while this job ran, {job.attempts} times",
+                    ),
+                )
+            else:
+                log.info("job %s was interrupted; queueing it again", job.id)
+                job.state, job.progress = JobState.QUEUED, Progress()
+                self._store.update(job)
+        with self._cond:
+            self._queue.extend(j.id for j in self._store.in_states(JobState.QUEUED))
+        self._thread = threading.Thread(target=self._work, name="job-worker", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the running job (it goes back to the queue) and the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- API
+
+    def submit(self, request: TrainRequest) -> Job:
+        """Validate everything, snapshot the dataset, queue the job."""
+        with self._cond:
+            if not self._accepting:
+                raise FailedPrecondition("the server is shutting down; retry on another replica")
+        if request.request_id:
+            existing = self._store.find_by_request_id(request.request_id)
+            if existing is not None:
+                return self.get(existing.id)
+        job_id = uuid.uuid4().hex[:16]
+        spec = JobSpec(
+            base_model=self._base_model,
+            adapter_id=request.adapter_id or f"adapter-{job_id}",
+            dataset_format=DatasetFormat.TEXT,
+            dataset_rows=0,
+            lora=request.lora,
+            training=request.training,
+            request_id=request.request_id,
+        ).validate()  # settings first: cheap, and reported before reading a large file
+        dataset_format, rows = self._load_rows(request)
+        spec = dataclasses.replace(spec, dataset_format=dataset_format, dataset_rows=len(rows))
+        job = Job(id=job_id, spec=spec)
+        with self._cond:
+            self._check_adapter_id_free(spec.adapter_id)
+            write_snapshot(rows, self._snapshot_path(job_id))
+            self._store.insert(job)
+            self._queue.append(job_id)
+            self._cond.notify_all()
+        log.info("job %s queued: %d rows -> adapter %s", job_id, len(rows), spec.adapter_id)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._cond:
+            if self._running is not None and self._running.id == job_id:
+                return copy.deepcopy(self._running)
+            job = self._store.get(job_id)
+            if job is None:
+                raise NotFound(f"job {job_id!r} not found", field="job_id")
+            if job.state is JobState.QUEUED and job_id in self._queue:
+                job.queue_position = self._queue.index(job_id)
+            return job
+
+    def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]:
+        jobs = self._store.list(state=state, offset=offset, limit=limit)
+        return [self.get(j.id) if j.state in (JobState.QUEUED, JobState.RUNNING) else j for j in jobs]
+
+    def cancel(self, job_id: str) -> Job:
+        with self._cond:
+            job = self.get(job_id)
+            if job.state.final:
+                raise FailedPrecondition(
+                    f"job {job_id} is already {job.state.value}", field="job_id"
+                )
+            if job.state is JobState.QUEUED:
+                if job_id in self._queue:
+                    self._queue.remove(job_id)
+                self._finish(job, JobState.CANCELLED, None)
+            else:
+                self._cancel_running = True
+        log.info("job %s cancel requested", job_id)
+        return self.get(job_id)
+
+    # --- worker
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._store.get(self._queue.popleft())
+                if job is None or job.state is not JobState.QUEUED:
+                    continue
+                job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
+                job.attempts += 1
+                job.progress = Progress()
+                self._store.update(job)
+                self._running, self._cancel_running = job, False
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        staging = self._registry.staging_dir()
+        last_persist = 0.0
+
+        def on_progress(progress: Progress) -> None:
+            nonlocal last_persist
+            with self._cond:
+                job.progress = dataclasses.replace(progress)
+                now = time.monotonic()
+                if now - last_persist >= PERSIST_EVERY_S:
+                    last_persist = now
+                    self._store.update(job)
+
+        def should_stop() -> bool:
+            return self._cancel_running or self._stopping
+
+        from tuneserve.training.recipe import StopTraining  # torch only where jobs run
+
+        log.info("job %s started (attempt %d)", job.id, job.attempts)
+        try:
+            result = self._trainer(
+                spec=job.spec,
+                rows=read_snapshot(self._snapshot_path(job.id)),
+                output_dir=staging,
+                on_progress=on_progress,
+                should_stop=should_stop,
+            )
+            info = self._registry.register(
+                staging,
+                AdapterInfo(
+                    id=job.spec.adapter_id,
+                    base_model=job.spec.base_model,
+                    r=job.spec.lora.r,
+                    alpha=job.spec.lora.alpha,
+                    dropout=job.spec.lora.dropout,
+                    target_modules=tuple(result.target_modules),
+                    source_job_id=job.id,
+                    final_loss=result.final_loss,
+                    steps=result.steps,
+                    trained_tokens=result.trained_tokens,
+                ),
+            )
+            self._finish(job, JobState.SUCCEEDED, None)
+            self._on_registered(info)
+        except StopTraining:
+            if self._cancel_running:
+                self._finish(job, JobState.CANCELLED, None)
+            else:  # shutting down: run it again after the restart
+                log.info("job %s stopped by shutdown; it will run again", job.id)
+                with self._cond:
+                    job.state, job.started_at, job.progress = JobState.QUEUED, None, Progress()
+                    job.attempts -= 1
+                    self._store.update(job)
+                    self._running = None
+        except (InvalidArgument, AlreadyExists) as e:
+            code = "INVALID_DATASET" if isinstance(e, InvalidArgument) else "ADAPTER_EXISTS"
+            self._finish(job, JobState.FAILED, JobFailure(
+                code=code, message=e.message, field=e.field, row=e.row
+            ))
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            self._finish(job, JobState.FAILED, JobFailure(
+                code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}"
+            ))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _finish(self, job: Job, state: JobState, error: JobFailure | None) -> None:
+        with self._cond:
+            job.state, job.error, job.finished_at = state, error, time.time()
+            self._store.update(job)
+            if self._running is not None and self._running.id == job.id:
+                self._running = None
+        log.info("job %s %s", job.id, state.value)
+
+    # --- helpers
+
+    def _load_rows(self, request: TrainRequest) -> tuple[DatasetFormat, list[Row]]:
+        limits = self._limits
+        if (request.rows is None) == (request.dataset_path is None):
+            raise InvalidArgument(
+                "dataset: give inline rows or a path, exactly one", field="dataset"
+            )
+        if request.dataset_path is not None:
+            path = resolve_dataset_path(request.dataset_path, limits.dataset_roots)
+            raw = read_jsonl(
+                path, max_bytes=limits.max_dataset_bytes, max_rows=limits.max_dataset_rows
+            )
+            prefix = "dataset.path"
+        else:
+            assert request.rows is not None
+            raw, prefix = list(request.rows), "dataset.inline.rows"
+        return validate_rows(raw, field_prefix=prefix, max_rows=limits.max_dataset_rows)
+
+    def _check_adapter_id_free(self, adapter_id: str) -> None:
+        if self._registry.exists(adapter_id):
+            raise AlreadyExists(f"adapter {adapter_id!r} already exists", field="adapter_id")
+        for job in self._store.in_states(JobState.QUEUED, JobState.RUNNING):
+            if job.spec.adapter_id == adapter_id:
+                raise AlreadyExists(
+                    f"job {job.id} is already training adapter {adapter_id!r}",
+                    field="adapter_id",
+                )
+
+    def _snapshot_path(self, job_id: str) -> Path:
+        return self._datasets_dir / f"{job_id}.jsonl"

@@ -1,0 +1,177 @@
+"""What a job is: its spec (what to train), its state and its progress. Plain dataclasses,
+serialised to JSON for the store; no grpc, no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneserve.errors import InvalidArgument, collect
+
+ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_adapter_id(adapter_id: str, *, field_name: str = "adapter_id") -> str:
+    """Adapter ids are names, never paths: they become one directory under the registry."""
+    if not ADAPTER_ID_RE.match(adapter_id) or ".." in adapter_id:
+        raise InvalidArgument(
+            f"{field_name}: {adapter_id!r} is not a valid adapter id (lowercase letters, "
+            "digits, '.', '_' and '-', starting with a letter or digit, at most 63 characters)",
+            field=field_name,
+        )
+    return adapter_id
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class DatasetFormat(str, enum.Enum):
+    TEXT = "text"  # loss on every token
+    PROMPT_RESPONSE = "prompt_response"  # loss on the response only
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    r: int = 8
+    alpha: float = 0.0  # 0 means 2 * r
+    dropout: float = 0.05
+    # Empty means every linear layer but the output head (peft's "all-linear").
+    target_modules: tuple[str, ...] = ()
+
+    def resolved(self) -> LoraSpec:
+        return dataclasses.replace(self, alpha=self.alpha or 2.0 * self.r)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSpec:
+    epochs: int = 3
+    max_steps: int = 0  # 0: the epochs decide
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    max_seq_length: int = 512
+    seed: int = 0
+    warmup_steps: int | None = None  # None: 5% of the steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """Everything needed to run the job again after a restart."""
+
+    base_model: str
+    adapter_id: str
+    dataset_format: DatasetFormat
+    dataset_rows: int
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    request_id: str = ""
+
+    def validate(self) -> JobSpec:
+        """Report every problem at once; return the spec with defaults resolved."""
+        problems: list[InvalidArgument] = []
+
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                problems.append(InvalidArgument(f"{name}: {message}", field=name))
+
+        try:
+            check_adapter_id(self.adapter_id)
+        except InvalidArgument as e:
+            problems.append(e)
+        lora, tr = self.lora, self.training
+        check(1 <= lora.r <= 1024, "lora.r", f"{lora.r} is not between 1 and 1024")
+        check(lora.alpha >= 0, "lora.alpha", "must not be negative")
+        check(0 <= lora.dropout < 1, "lora.dropout", f"{lora.dropout} is not in [0, 1)")
+        for i, name in enumerate(lora.target_modules):
+            check(
+                bool(re.match(r"^[A-Za-z0-9_.]+$", name)),
+                f"lora.target_modules[{i}]",
+                f"{name!r} is not a module name",
+            )
+        check(1 <= tr.epochs <= 1000, "training.epochs", f"{tr.epochs} is not between 1 and 1000")
+        check(0 <= tr.max_steps <= 10_000_000, "training.max_steps", "is out of range")
+        check(
+            0 < tr.learning_rate < 1,
+            "training.learning_rate",
+            f"{tr.learning_rate} is not in (0, 1)",
+        )
+        check(1 <= tr.batch_size <= 4096, "training.batch_size", "is not between 1 and 4096")
+        check(
+            8 <= tr.max_seq_length <= 1_048_576,
+            "training.max_seq_length",
+            f"{tr.max_seq_length} is not between 8 and 1048576",
+        )
+        check(
+            tr.warmup_steps is None or tr.warmup_steps >= 0,
+            "training.warmup_steps",
+            "must not be negative",
+        )
+        check(len(self.request_id) <= 128, "request_id", "is longer than 128 characters")
+        collect(problems)
+        return dataclasses.replace(self, lora=lora.resolved())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
+        return cls(
+            base_model=d["base_model"],
+            adapter_id=d["adapter_id"],
+            dataset_format=DatasetFormat(d["dataset_format"]),
+            dataset_rows=d["dataset_rows"],
+            lora=LoraSpec(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])}),
+            training=TrainingSpec(**d["training"]),
+            request_id=d.get("request_id", ""),
+        )
+
+
+@dataclass(kw_only=True)
+class Progress:
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    total_epochs: float = 0.0
+    loss: float = 0.0
+    tokens_per_second: float = 0.0
+    eta_seconds: float = 0.0
+    trained_tokens: int = 0
+
+    @property
+    def fraction_done(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFailure:
+    code: str
+    message: str
+    field: str = ""
+    row: int | None = None
+
+
+@dataclass(kw_only=True)
+class Job:
+    id: str
+    spec: JobSpec
+    state: JobState = JobState.QUEUED
+    progress: Progress = field(default_factory=Progress)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: JobFailure | None = None
+    attempts: int = 0
+    # Filled in when read, not stored: jobs ahead of this one in the queue.
+    queue_position: int = 0

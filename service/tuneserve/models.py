@@ -1,0 +1,46 @@
+"""Loading the base model and tokenizer, shared by the trainer and the inference engine.
+A request never makes the server fetch a model or run remote code: the base model is
+chosen at start-up, and `trust_remote_code` is always off."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(base_model: str) -> Tokenizer:
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        # Pad positions are masked from attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base_model: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    log.info("loading %s on %s as %s", base_model, device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    return model.to(device)

@@ -1,0 +1,55 @@
+"""The job worker's trainer: loads a fresh copy of the base model for each job, so training
+never touches the weights the inference engine is serving from.
+
+Sharing policy (for now): the trainer holds its own copy of the base model while a job runs
+and frees it after. That doubles base-model memory during training but keeps inference
+answering without locks between the two; holding the base weights once and time-slicing
+the device between the trainer and the decoder is the next step (issue 4)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from tuneserve.data.rows import Row
+from tuneserve.jobs.model import JobSpec, Progress
+from tuneserve.models import load_model, load_tokenizer
+from tuneserve.training.recipe import TrainResult, train_lora
+
+
+class LoraTrainer:
+    def __init__(self, *, base_model: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.base_model = base_model
+        self.device = device
+        # LoRA weights train in float32 (peft upcasts them); the frozen base may be half.
+        self.dtype = dtype
+
+    def __call__(
+        self,
+        *,
+        spec: JobSpec,
+        rows: Sequence[Row],
+        output_dir: Path,
+        on_progress: Callable[[Progress], None],
+        should_stop: Callable[[], bool],
+    ) -> TrainResult:
+        tokenizer = load_tokenizer(self.base_model)
+        model = load_model(self.base_model, device=self.device, dtype=self.dtype)
+        try:
+            return train_lora(
+                spec=spec,
+                rows=rows,
+                model=model,
+                tokenizer=tokenizer,
+                output_dir=output_dir,
+                on_progress=on_progress,
+                should_stop=should_stop,
+            )
+        finally:
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
