@@ -1,0 +1,2 @@
+"""The gRPC transport: converts protobuf to domain objects, calls the core once, converts
+back, and maps domain errors to status codes in one table. Never imports torch."""

@@ -1,0 +1,181 @@
+"""Protobuf <-> domain objects. The only module that knows both."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from tuneserve.errors import InvalidArgument
+from tuneserve.inference.params import FinishReason, GenerationChunk, GenerationRequest
+from tuneserve.inference.params import SamplingParams
+from tuneserve.jobs.manager import TrainRequest
+from tuneserve.jobs.model import Job, JobState, LoraSpec, TrainingSpec
+from tuneserve.registry import AdapterInfo
+from tuneserve.v1 import tuneserve_pb2 as pb
+
+_STATES = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+_STATES_BACK = {v: k for k, v in _STATES.items()}
+_FINISH = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def train_request(req: pb.TrainJobRequest) -> TrainRequest:
+    source = req.dataset.WhichOneof("source")
+    if source is None:
+        raise InvalidArgument("dataset: give inline rows or a path", field="dataset")
+    rows = None
+    if source == "inline":
+        rows = [
+            {"text": r.text, "prompt": r.prompt, "response": r.response}
+            for r in req.dataset.inline.rows
+        ]
+    defaults_lora, defaults_tr = LoraSpec(), TrainingSpec()
+    lora, tr = req.lora, req.training
+    return TrainRequest(
+        rows=rows,
+        dataset_path=req.dataset.path if source == "path" else None,
+        adapter_id=req.adapter_id,
+        lora=LoraSpec(
+            r=lora.r or defaults_lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout if lora.HasField("dropout") else defaults_lora.dropout,
+            target_modules=tuple(lora.target_modules),
+        ),
+        training=TrainingSpec(
+            epochs=tr.epochs or defaults_tr.epochs,
+            max_steps=tr.max_steps,
+            learning_rate=tr.learning_rate or defaults_tr.learning_rate,
+            batch_size=tr.batch_size or defaults_tr.batch_size,
+            max_seq_length=tr.max_seq_length or defaults_tr.max_seq_length,
+            seed=tr.seed if tr.HasField("seed") else defaults_tr.seed,
+            warmup_steps=tr.warmup_steps if tr.HasField("warmup_steps") else None,
+        ),
+        request_id=req.request_id,
+    )
+
+
+def job(j: Job) -> pb.Job:
+    s, p = j.spec, j.progress
+    out = pb.Job(
+        id=j.id,
+        state=_STATES[j.state],
+        progress=pb.JobProgress(
+            step=p.step,
+            total_steps=p.total_steps,
+            epoch=p.epoch,
+            total_epochs=p.total_epochs,
+            loss=p.loss,
+            tokens_per_second=p.tokens_per_second,
+            eta_seconds=p.eta_seconds,
+            queue_position=j.queue_position,
+            fraction_done=p.fraction_done,
+        ),
+        create_time=_timestamp(j.created_at),
+        adapter_id=s.adapter_id,
+        base_model=s.base_model,
+        dataset_rows=s.dataset_rows,
+        request_id=s.request_id,
+        lora=pb.LoraConfig(
+            r=s.lora.r,
+            alpha=s.lora.alpha,
+            dropout=s.lora.dropout,
+            target_modules=list(s.lora.target_modules),
+        ),
+        training=pb.TrainingConfig(
+            epochs=s.training.epochs,
+            max_steps=s.training.max_steps,
+            learning_rate=s.training.learning_rate,
+            batch_size=s.training.batch_size,
+            max_seq_length=s.training.max_seq_length,
+            seed=s.training.seed,
+            warmup_steps=s.training.warmup_steps,
+        ),
+    )
+    if j.started_at is not None:
+        out.start_time.CopyFrom(_timestamp(j.started_at))
+    if j.finished_at is not None:
+        out.end_time.CopyFrom(_timestamp(j.finished_at))
+    if j.error is not None:
+        out.error.CopyFrom(
+            pb.JobError(
+                code=j.error.code,
+                message=j.error.message,
+                field=j.error.field,
+                row=j.error.row if j.error.row is not None else -1,
+            )
+        )
+    return out
+
+
+def job_state(state: int) -> JobState | None:
+    if state == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    if state not in _STATES_BACK:
+        raise InvalidArgument(f"state: {state} is not a job state", field="state")
+    return _STATES_BACK[state]  # type: ignore[index]
+
+
+def adapter(a: AdapterInfo) -> pb.Adapter:
+    return pb.Adapter(
+        id=a.id,
+        base_model=a.base_model,
+        lora=pb.LoraConfig(
+            r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=list(a.target_modules)
+        ),
+        source_job_id=a.source_job_id,
+        final_loss=a.final_loss,
+        steps=a.steps,
+        trained_tokens=a.trained_tokens,
+        create_time=_timestamp(a.created_at),
+        size_bytes=a.size_bytes,
+    )
+
+
+def generation_request(
+    req: pb.GenerateRequest | pb.GenerateStreamRequest,
+) -> GenerationRequest:
+    p = req.parameters
+    return GenerationRequest(
+        prompt=req.prompt,
+        adapter_id=req.adapter_id,
+        params=SamplingParams(
+            max_new_tokens=p.max_new_tokens,
+            greedy=p.greedy,
+            temperature=p.temperature if p.HasField("temperature") else 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p if p.HasField("top_p") else 1.0,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+            no_repeat_ngram_size=p.no_repeat_ngram_size,
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+        ),
+    )
+
+
+def finish_reason(reason: FinishReason | None) -> int:
+    return _FINISH[reason] if reason is not None else pb.FINISH_REASON_UNSPECIFIED
+
+
+def stream_chunk(c: GenerationChunk) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        text=c.text,
+        finish_reason=finish_reason(c.finish_reason),  # type: ignore[arg-type]
+        prompt_tokens=c.prompt_tokens if c.finish_reason else 0,
+        generated_tokens=c.generated_tokens,
+        seed=c.seed,
+    )
+
+
+def _timestamp(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts

@@ -1,0 +1,110 @@
+"""The one table from domain errors to gRPC status codes, and the rich error details
+(AIP-193): every error carries a google.rpc.ErrorInfo, bad input a google.rpc.BadRequest
+naming the field (and the dataset row in the ErrorInfo metadata)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tuneserve import errors
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "tuneserve"
+
+STATUS_CODES: dict[type[errors.TuneserveError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+
+def status_code(error: errors.TuneserveError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: errors.TuneserveError) -> grpc.Status:
+    code = status_code(error)
+    metadata = {"field": error.field} if error.field else {}
+    if error.row is not None:
+        metadata["row"] = str(error.row)
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
+    problems = getattr(error, "problems", [error])
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=p.field, description=p.message)
+        for p in problems
+        if p.field
+    ]
+    if isinstance(error, errors.InvalidArgument) and violations:
+        details.append(error_details_pb2.BadRequest(field_violations=violations))
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+    )
+
+
+_R = TypeVar("_R")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    if isinstance(error, errors.TuneserveError):
+        await context.abort_with_status(to_status(error))
+    log.exception("unexpected error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+
+def unary(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_R]]:
+    """Map domain errors raised by a unary handler to their status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _R:
+        try:
+            return await handler(self, request, context)
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await _abort(context, e)
+            raise AssertionError("unreachable") from e
+
+    return wrapper
+
+
+def streaming(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_R]]:
+    """Map domain errors raised by a server-streaming handler to their status."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[_R]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await _abort(context, e)
+
+    return wrapper

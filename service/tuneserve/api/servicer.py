@@ -1,0 +1,143 @@
+"""The TuneserveService handlers: convert the request, call the core once, convert the
+result. Errors are mapped by the decorators in tuneserve.api.errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from tuneserve.api import convert
+from tuneserve.api.errors import streaming, unary
+from tuneserve.api.threads import iterate_in_thread
+from tuneserve.errors import InvalidArgument, Unavailable
+from tuneserve.inference.params import GenerationChunk, GenerationRequest
+from tuneserve.jobs.manager import JobManager
+from tuneserve.registry import AdapterRegistry
+from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_PAGE_SIZE = 1000
+
+
+class Generator(Protocol):
+    """What the servicer needs of the inference engine."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def generate(
+        self, request: GenerationRequest, *, is_cancelled: Callable[[], bool]
+    ) -> Iterator[GenerationChunk]: ...
+
+    def drop_adapter(self, adapter_id: str) -> None: ...
+
+
+class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
+    def __init__(self, *, jobs: JobManager, registry: AdapterRegistry, engine: Generator) -> None:
+        self._jobs = jobs
+        self._registry = registry
+        self._engine = engine
+
+    @unary
+    async def TrainJob(self, request: pb.TrainJobRequest, context: Context) -> pb.TrainJobResponse:
+        self._require_ready()
+        job = await asyncio.to_thread(self._jobs.submit, convert.train_request(request))
+        return pb.TrainJobResponse(job=convert.job(job))
+
+    @unary
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context
+    ) -> pb.GetStatusResponse:
+        job = await asyncio.to_thread(self._jobs.get, request.job_id)
+        return pb.GetStatusResponse(job=convert.job(job))
+
+    @unary
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: Context
+    ) -> pb.CancelJobResponse:
+        job = await asyncio.to_thread(self._jobs.cancel, request.job_id)
+        return pb.CancelJobResponse(job=convert.job(job))
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        size = min(request.page_size or 50, MAX_PAGE_SIZE)
+        offset = _page_offset(request.page_token)
+        jobs = await asyncio.to_thread(
+            self._jobs.list, state=convert.job_state(request.state), offset=offset, limit=size + 1
+        )
+        more = len(jobs) > size
+        return pb.ListJobsResponse(
+            jobs=[convert.job(j) for j in jobs[:size]],
+            next_page_token=str(offset + size) if more else "",
+        )
+
+    @unary
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: Context
+    ) -> pb.ListAdaptersResponse:
+        adapters = await asyncio.to_thread(self._registry.list)
+        return pb.ListAdaptersResponse(adapters=[convert.adapter(a) for a in adapters])
+
+    @unary
+    async def GetAdapter(
+        self, request: pb.GetAdapterRequest, context: Context
+    ) -> pb.GetAdapterResponse:
+        info = await asyncio.to_thread(self._registry.get, request.adapter_id)
+        return pb.GetAdapterResponse(adapter=convert.adapter(info))
+
+    @unary
+    async def DeleteAdapter(
+        self, request: pb.DeleteAdapterRequest, context: Context
+    ) -> pb.DeleteAdapterResponse:
+        await asyncio.to_thread(self._registry.delete, request.adapter_id)
+        await asyncio.to_thread(self._engine.drop_adapter, request.adapter_id)
+        return pb.DeleteAdapterResponse()
+
+    @unary
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        self._require_ready()
+        parts: list[str] = []
+        last: GenerationChunk | None = None
+        async for chunk in self._generate(request):
+            parts.append(chunk.text)
+            last = chunk
+        assert last is not None
+        return pb.GenerateResponse(
+            text="".join(parts),
+            finish_reason=convert.finish_reason(last.finish_reason),  # type: ignore[arg-type]
+            prompt_tokens=last.prompt_tokens,
+            generated_tokens=last.generated_tokens,
+            seed=last.seed,
+        )
+
+    @streaming
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        self._require_ready()
+        async for chunk in self._generate(request):
+            yield convert.stream_chunk(chunk)
+
+    def _generate(
+        self, request: pb.GenerateRequest | pb.GenerateStreamRequest
+    ) -> AsyncIterator[GenerationChunk]:
+        domain = convert.generation_request(request)
+        return iterate_in_thread(
+            lambda is_cancelled: self._engine.generate(domain, is_cancelled=is_cancelled)
+        )
+
+    def _require_ready(self) -> None:
+        if not self._engine.ready:
+            raise Unavailable("the model is still loading; retry shortly")
+
+
+def _page_offset(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidArgument("page_token: not a token from this server", field="page_token")
+    return int(token)

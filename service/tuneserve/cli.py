@@ -1,0 +1,266 @@
+"""The `tuneserve` command: `serve` runs the server; the other subcommands are a client.
+
+    tuneserve serve --base-model gpt2
+    tuneserve train --data rows.jsonl --adapter-id vader --wait
+    tuneserve generate "Question: who are you? Answer:" --adapter vader
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from tuneserve.client import ClientError, TuneserveClient
+from tuneserve.v1 import tuneserve_pb2 as pb
+
+STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_") for k, v in pb.FinishReason.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClientError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        for field, description in e.violations[1:]:
+            print(f"       {field}: {description}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tuneserve import config
+
+    parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=os.environ.get("TUNESERVE_TARGET", "localhost:50051"),
+                        help="server address for client commands (env TUNESERVE_TARGET)")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    p = sub.add_parser("serve", help="run the server")
+    config.add_arguments(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("build-tiny-model", help="build a tiny model offline, for tests and demos")
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--architecture", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--text-file", type=Path, action="append", default=[],
+                   help="extra text to train the tokenizer on (repeatable)")
+    p.set_defaults(func=_build_tiny_model)
+
+    p = sub.add_parser("train", help="submit a fine-tune")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="local JSONL file, sent with the request")
+    source.add_argument("--server-path", help="JSONL file on the server, under its dataset roots")
+    p.add_argument("--adapter-id", default="")
+    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--learning-rate", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--max-seq-length", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--lora-alpha", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--target-modules", default="", help="comma-separated module names")
+    p.add_argument("--request-id", default="", help="idempotency key")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("status", help="show a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("jobs", help="list jobs")
+    p.add_argument("--state", choices=[s for s in STATE_NAMES.values() if s != "UNSPECIFIED"])
+    p.set_defaults(func=_jobs)
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id")
+    p.set_defaults(func=_cancel)
+
+    p = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("adapters", help="list, show or delete adapters")
+    p.add_argument("action", nargs="?", choices=["list", "get", "delete"], default="list")
+    p.add_argument("adapter_id", nargs="?")
+    p.set_defaults(func=_adapters)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tuneserve.app import serve
+    from tuneserve.config import load_config
+    from tuneserve.errors import InvalidArgument
+    from tuneserve.logs import setup_logging
+
+    try:
+        cfg = load_config(args)
+    except InvalidArgument as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    setup_logging(level=cfg.log_level, json_format=cfg.log_format == "json")
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def _build_tiny_model(args: argparse.Namespace) -> int:
+    from tuneserve.logs import quiet_libraries
+    from tuneserve.tiny_models import build_tiny_model
+
+    quiet_libraries()
+    text = [line for f in args.text_file for line in f.read_text().splitlines()]
+    build_tiny_model(args.output_dir, architecture=args.architecture, extra_text=text)
+    print(f"tiny {args.architecture} model written to {args.output_dir}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> TuneserveClient:
+    return TuneserveClient(args.target)
+
+
+def _train(args: argparse.Namespace) -> int:
+    rows = None
+    if args.data is not None:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    lora = pb.LoraConfig(r=args.lora_r, alpha=args.lora_alpha,
+                         target_modules=[m for m in args.target_modules.split(",") if m])
+    if args.lora_dropout is not None:
+        lora.dropout = args.lora_dropout
+    training = pb.TrainingConfig(
+        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+    )
+    if args.seed is not None:
+        training.seed = args.seed
+    with _client(args) as client:
+        job = client.train(rows=rows, dataset_path=args.server_path, adapter_id=args.adapter_id,
+                           lora=lora, training=training, request_id=args.request_id)
+        print(f"job {job.id} {STATE_NAMES[job.state]} -> adapter {job.adapter_id}")
+        if not args.wait:
+            return 0
+        job = _follow(client, job.id)
+    _print_job(job)
+    return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
+
+
+def _follow(client: TuneserveClient, job_id: str) -> pb.Job:
+    from tqdm import tqdm
+
+    with tqdm(total=None, unit="step", dynamic_ncols=True, desc="queued") as bar:
+        def show(job: pb.Job) -> None:
+            p = job.progress
+            if job.state == pb.JOB_STATE_QUEUED:
+                bar.set_description(f"queued (position {p.queue_position})")
+                return
+            bar.set_description(STATE_NAMES[job.state].lower())
+            if p.total_steps and bar.total != p.total_steps:
+                bar.total = p.total_steps
+            bar.n = p.step
+            if p.step:
+                bar.set_postfix(loss=f"{p.loss:.4f}", epoch=f"{p.epoch:.2f}",
+                                tok_s=f"{p.tokens_per_second:.0f}", refresh=False)
+            bar.refresh()
+
+        return client.wait(job_id, poll_s=0.25, on_progress=show)
+
+
+def _print_job(job: pb.Job) -> None:
+    p = job.progress
+    line = f"job {job.id} {STATE_NAMES[job.state]}  adapter={job.adapter_id}"
+    if p.total_steps:
+        line += f"  step {p.step}/{p.total_steps}  loss {p.loss:.4f}"
+    if job.state == pb.JOB_STATE_QUEUED:
+        line += f"  queue position {p.queue_position}"
+    print(line)
+    if job.HasField("error") and job.error.code:
+        print(f"  error {job.error.code}: {job.error.message}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_status(args.job_id)
+    if args.json:
+        print(json_format.MessageToJson(job))
+    else:
+        _print_job(job)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    state = pb.JobState.Value(f"JOB_STATE_{args.state}") if args.state else 0
+    with _client(args) as client:
+        for job in client.list_jobs(state=state):
+            _print_job(job)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_job(client.cancel(args.job_id))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params: dict[str, object] = {
+        "max_new_tokens": args.max_new_tokens, "greedy": args.greedy, "top_k": args.top_k,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop": args.stop,
+    }
+    for name in ("temperature", "top_p", "repetition_penalty", "seed"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    last = None
+    with _client(args) as client:
+        for chunk in client.generate_stream(args.prompt, adapter_id=args.adapter, **params):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+    print()
+    if last is not None:
+        print(f"[{FINISH_NAMES[last.finish_reason]}, {last.prompt_tokens} prompt + "
+              f"{last.generated_tokens} generated tokens, seed {last.seed}]", file=sys.stderr)
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            for a in client.list_adapters():
+                print(f"{a.id}  base={a.base_model}  r={a.lora.r}  steps={a.steps}  "
+                      f"loss={a.final_loss:.4f}  {a.size_bytes / 1024:.0f} KiB  job={a.source_job_id}")
+            return 0
+        if not args.adapter_id:
+            print("error: an adapter id is needed", file=sys.stderr)
+            return 2
+        if args.action == "get":
+            print(json_format.MessageToJson(client.get_adapter(args.adapter_id)))
+        else:
+            client.delete_adapter(args.adapter_id)
+            print(f"adapter {args.adapter_id} deleted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
