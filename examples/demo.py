@@ -40,31 +40,72 @@ def main() -> int:
     rows = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
     (WORK / "corpus.txt").write_text("\n".join(r["prompt"] + r["response"] for r in rows))
     print("== building a tiny GPT-2-shaped model offline", flush=True)
-    subprocess.run([str(BIN), "build-tiny-model", str(WORK / "model"), "--text-file",
-                    str(WORK / "corpus.txt")], check=True)
+    subprocess.run(
+        [
+            str(BIN),
+            "build-tiny-model",
+            str(WORK / "model"),
+            "--text-file",
+            str(WORK / "corpus.txt"),
+        ],
+        check=True,
+    )
 
     port = free_port()
     target = f"127.0.0.1:{port}"
     log = (WORK / "server.log").open("w")
     print(f"== starting the server on {target} (log: {WORK / 'server.log'})", flush=True)
     server = subprocess.Popen(
-        [str(BIN), "serve", "--base-model", str(WORK / "model"), "--listen", target,
-         "--data-dir", str(WORK / "data"), "--dataset-roots", str(DATASET.parent)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(BIN),
+            "serve",
+            "--base-model",
+            str(WORK / "model"),
+            "--listen",
+            target,
+            "--data-dir",
+            str(WORK / "data"),
+            "--dataset-roots",
+            str(DATASET.parent),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         with TuneserveClient(target) as client:
             client.wait_ready(timeout=120)
         print("== server is SERVING; fine-tuning an adapter on", DATASET.name, flush=True)
-        run("train", "--server-path", str(DATASET), "--adapter-id", "vader", "--epochs", "30",
-            "--learning-rate", "0.01", "--batch-size", "4", "--lora-r", "16", "--wait",
-            target=target)
+        run(
+            "train",
+            "--server-path",
+            str(DATASET),
+            "--adapter-id",
+            "vader",
+            "--epochs",
+            "30",
+            "--learning-rate",
+            "0.01",
+            "--batch-size",
+            "4",
+            "--lora-r",
+            "16",
+            "--wait",
+            target=target,
+        )
         run("adapters", target=target)
         for prompt in PROMPTS:
             print(f"\n== {prompt!r}: base model, then the adapter (greedy)", flush=True)
             run("generate", prompt, "--greedy", "--max-new-tokens", "24", target=target)
-            run("generate", prompt, "--adapter", "vader", "--greedy", "--max-new-tokens", "24",
-                target=target)
+            run(
+                "generate",
+                prompt,
+                "--adapter",
+                "vader",
+                "--greedy",
+                "--max-new-tokens",
+                "24",
+                target=target,
+            )
     finally:
         print("\n== stopping the server (SIGTERM)", flush=True)
         server.send_signal(signal.SIGTERM)

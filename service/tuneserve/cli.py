@@ -1,8 +1,8 @@
 """The `tuneserve` command: `serve` runs the server; the other subcommands are a client.
 
-    tuneserve serve --base-model gpt2
-    tuneserve train --data rows.jsonl --adapter-id vader --wait
-    tuneserve generate "Question: who are you? Answer:" --adapter vader
+tuneserve serve --base-model gpt2
+tuneserve train --data rows.jsonl --adapter-id vader --wait
+tuneserve generate "Question: who are you? Answer:" --adapter vader
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -41,10 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from tuneserve import config
 
-    parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=os.environ.get("TUNESERVE_TARGET", "localhost:50051"),
-                        help="server address for client commands (env TUNESERVE_TARGET)")
+    parser = argparse.ArgumentParser(
+        prog="tuneserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("TUNESERVE_TARGET", "localhost:50051"),
+        help="server address for client commands (env TUNESERVE_TARGET)",
+    )
     sub = parser.add_subparsers(required=True, metavar="command")
 
     p = sub.add_parser("serve", help="run the server")
@@ -54,8 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-tiny-model", help="build a tiny model offline, for tests and demos")
     p.add_argument("output_dir", type=Path)
     p.add_argument("--architecture", choices=["gpt2", "llama"], default="gpt2")
-    p.add_argument("--text-file", type=Path, action="append", default=[],
-                   help="extra text to train the tokenizer on (repeatable)")
+    p.add_argument(
+        "--text-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="extra text to train the tokenizer on (repeatable)",
+    )
     p.set_defaults(func=_build_tiny_model)
 
     p = sub.add_parser("train", help="submit a fine-tune")
@@ -146,19 +156,31 @@ def _train(args: argparse.Namespace) -> int:
     rows = None
     if args.data is not None:
         rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    lora = pb.LoraConfig(r=args.lora_r, alpha=args.lora_alpha,
-                         target_modules=[m for m in args.target_modules.split(",") if m])
+    lora = pb.LoraConfig(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        target_modules=[m for m in args.target_modules.split(",") if m],
+    )
     if args.lora_dropout is not None:
         lora.dropout = args.lora_dropout
     training = pb.TrainingConfig(
-        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length,
     )
     if args.seed is not None:
         training.seed = args.seed
     with _client(args) as client:
-        job = client.train(rows=rows, dataset_path=args.server_path, adapter_id=args.adapter_id,
-                           lora=lora, training=training, request_id=args.request_id)
+        job = client.train(
+            rows=rows,
+            dataset_path=args.server_path,
+            adapter_id=args.adapter_id,
+            lora=lora,
+            training=training,
+            request_id=args.request_id,
+        )
         print(f"job {job.id} {STATE_NAMES[job.state]} -> adapter {job.adapter_id}")
         if not args.wait:
             return 0
@@ -171,6 +193,7 @@ def _follow(client: TuneserveClient, job_id: str) -> pb.Job:
     from tqdm import tqdm
 
     with tqdm(total=None, unit="step", dynamic_ncols=True, desc="queued") as bar:
+
         def show(job: pb.Job) -> None:
             p = job.progress
             if job.state == pb.JOB_STATE_QUEUED:
@@ -181,8 +204,12 @@ def _follow(client: TuneserveClient, job_id: str) -> pb.Job:
                 bar.total = p.total_steps
             bar.n = p.step
             if p.step:
-                bar.set_postfix(loss=f"{p.loss:.4f}", epoch=f"{p.epoch:.2f}",
-                                tok_s=f"{p.tokens_per_second:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{p.loss:.4f}",
+                    epoch=f"{p.epoch:.2f}",
+                    tok_s=f"{p.tokens_per_second:.0f}",
+                    refresh=False,
+                )
             bar.refresh()
 
         return client.wait(job_id, poll_s=0.25, on_progress=show)
@@ -211,9 +238,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    state = pb.JobState.Value(f"JOB_STATE_{args.state}") if args.state else 0
+    name = f"JOB_STATE_{args.state or 'UNSPECIFIED'}"
     with _client(args) as client:
-        for job in client.list_jobs(state=state):
+        for job in client.list_jobs(state=pb.JobState.Value(name)):  # type: ignore[arg-type]
             _print_job(job)
     return 0
 
@@ -225,9 +252,12 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    params: dict[str, object] = {
-        "max_new_tokens": args.max_new_tokens, "greedy": args.greedy, "top_k": args.top_k,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop": args.stop,
+    params: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "greedy": args.greedy,
+        "top_k": args.top_k,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "stop": args.stop,
     }
     for name in ("temperature", "top_p", "repetition_penalty", "seed"):
         if getattr(args, name) is not None:
@@ -239,8 +269,11 @@ def _generate(args: argparse.Namespace) -> int:
             last = chunk
     print()
     if last is not None:
-        print(f"[{FINISH_NAMES[last.finish_reason]}, {last.prompt_tokens} prompt + "
-              f"{last.generated_tokens} generated tokens, seed {last.seed}]", file=sys.stderr)
+        print(
+            f"[{FINISH_NAMES[last.finish_reason]}, {last.prompt_tokens} prompt + "
+            f"{last.generated_tokens} generated tokens, seed {last.seed}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -248,8 +281,10 @@ def _adapters(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
             for a in client.list_adapters():
-                print(f"{a.id}  base={a.base_model}  r={a.lora.r}  steps={a.steps}  "
-                      f"loss={a.final_loss:.4f}  {a.size_bytes / 1024:.0f} KiB  job={a.source_job_id}")
+                print(
+                    f"{a.id}  base={a.base_model}  r={a.lora.r}  steps={a.steps}  "
+                    f"loss={a.final_loss:.4f}  {a.size_bytes / 1024:.0f} KiB  job={a.source_job_id}"
+                )
             return 0
         if not args.adapter_id:
             print("error: an adapter id is needed", file=sys.stderr)

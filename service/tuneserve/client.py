@@ -1,10 +1,10 @@
 """A Python client for tuneserve. Light: grpcio and protobuf only, no torch.
 
-    from tuneserve.client import TuneserveClient
-    with TuneserveClient("localhost:50051") as client:
-        job = client.train(rows=[{"prompt": "Q: hi", "response": " hello"}], adapter_id="hi")
-        job = client.wait(job.id)
-        print(client.generate("Q: hi", adapter_id="hi", greedy=True).text)
+from tuneserve.client import TuneserveClient
+with TuneserveClient("localhost:50051") as client:
+    job = client.train(rows=[{"prompt": "Q: hi", "response": " hello"}], adapter_id="hi")
+    job = client.wait(job.id)
+    print(client.generate("Q: hi", adapter_id="hi", greedy=True).text)
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ class ClientError(Exception):
     """A failed call, with the server's rich error details unpacked."""
 
     def __init__(
-        self, code: grpc.StatusCode, message: str, *, reason: str = "", field: str = "",
-        row: int | None = None, violations: list[tuple[str, str]] | None = None,
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        field: str = "",
+        row: int | None = None,
+        violations: list[tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.reason = code, message, reason
@@ -47,15 +53,24 @@ class ClientError(Exception):
                 row = int(info.metadata["row"]) if "row" in info.metadata else None
             elif detail.Unpack(bad):
                 violations = [(v.field, v.description) for v in bad.field_violations]
-        return cls(call.code(), call.details() or "", reason=reason, field=field, row=row,
-                   violations=violations)
+        return cls(
+            call.code(),
+            call.details() or "",
+            reason=reason,
+            field=field,
+            row=row,
+            violations=violations,
+        )
 
 
 class TuneserveClient:
     def __init__(self, target: str, *, timeout: float = 30.0) -> None:
         self._channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                             ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+            target,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
         )
         self._stub = pb_grpc.TuneserveServiceStub(self._channel)
         self.timeout = timeout
@@ -104,7 +119,10 @@ class TuneserveClient:
         else:
             dataset.inline.rows.extend(pb.DatasetRow(**dict(r)) for r in rows or [])
         request = pb.TrainJobRequest(
-            dataset=dataset, adapter_id=adapter_id, lora=lora, training=training,
+            dataset=dataset,
+            adapter_id=adapter_id,
+            lora=lora,
+            training=training,
             request_id=request_id,
         )
         return self._call(self._stub.TrainJob, request).job
@@ -115,18 +133,26 @@ class TuneserveClient:
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job
 
-    def list_jobs(self, *, state: int = 0, page_size: int = 50) -> Iterator[pb.Job]:
+    def list_jobs(
+        self, *, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, page_size: int = 50
+    ) -> Iterator[pb.Job]:
         token = ""
         while True:
-            page = self._call(self._stub.ListJobs, pb.ListJobsRequest(
-                page_size=page_size, page_token=token, state=state))  # type: ignore[arg-type]
+            page = self._call(
+                self._stub.ListJobs,
+                pb.ListJobsRequest(page_size=page_size, page_token=token, state=state),
+            )
             yield from page.jobs
             token = page.next_page_token
             if not token:
                 return
 
     def wait(
-        self, job_id: str, *, poll_s: float = 0.5, timeout: float | None = None,
+        self,
+        job_id: str,
+        *,
+        poll_s: float = 0.5,
+        timeout: float | None = None,
         on_progress: Callable[[pb.Job], None] | None = None,
     ) -> pb.Job:
         """Poll until the job is SUCCEEDED, FAILED or CANCELLED; return it."""
@@ -147,14 +173,18 @@ class TuneserveClient:
         return list(self._call(self._stub.ListAdapters, pb.ListAdaptersRequest()).adapters)
 
     def get_adapter(self, adapter_id: str) -> pb.Adapter:
-        return self._call(self._stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id)).adapter
+        return self._call(
+            self._stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id)
+        ).adapter
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id))
 
     # --- generation
 
-    def generate(self, prompt: str, *, adapter_id: str = "", **parameters: Any) -> pb.GenerateResponse:
+    def generate(
+        self, prompt: str, *, adapter_id: str = "", **parameters: Any
+    ) -> pb.GenerateResponse:
         """Parameters are GenerationParameters fields: max_new_tokens, greedy, temperature,
         top_k, top_p, repetition_penalty, no_repeat_ngram_size, seed, stop."""
         request = pb.GenerateRequest(

@@ -24,19 +24,26 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    base_model: str = _opt("", "Base model: a Hugging Face Hub id (e.g. gpt2) or a local directory.")
-    device: str = _opt("auto", "Torch device: auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    base_model: str = _opt(
+        "", "Base model: a Hugging Face Hub id (e.g. gpt2) or a local directory."
+    )
+    device: str = _opt(
+        "auto", "Torch device: auto (cuda if present, else cpu), cpu, cuda or cuda:N."
+    )
     dtype: str = _opt(
-        "auto", "Weights dtype: auto (bfloat16 on CUDA that supports it, else float32), "
-        "float32, bfloat16 or float16."
+        "auto",
+        "Weights dtype: auto (bfloat16 on CUDA that supports it, else float32), "
+        "float32, bfloat16 or float16.",
     )
     listen: str = _opt("0.0.0.0:50051", "gRPC listen address host:port; port 0 picks a free one.")
     data_dir: Path = _opt(
         Path("tuneserve-data"), "Where the job store, dataset snapshots and adapters live."
     )
     dataset_roots: tuple[Path, ...] = _opt(
-        (), "Directories TrainJob may read dataset files from (repeat the flag; in the "
-        "environment, separate with ':'). Empty: only inline datasets.", multiple=True
+        (),
+        "Directories TrainJob may read dataset files from (repeat the flag; in the "
+        "environment, separate with ':'). Empty: only inline datasets.",
+        multiple=True,
     )
     grace_period_s: float = _opt(10.0, "On SIGTERM, seconds in-flight calls get to finish.")
     max_dataset_rows: int = _opt(100_000, "Most rows a dataset may have.")
@@ -86,8 +93,13 @@ class ServerConfig:
             if not root.is_dir():
                 bad("dataset_roots", f"{root} is not a directory")
         for name in (
-            "max_dataset_rows", "max_dataset_bytes", "max_prompt_tokens", "max_new_tokens",
-            "default_max_new_tokens", "max_loaded_adapters", "max_job_attempts",
+            "max_dataset_rows",
+            "max_dataset_bytes",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_loaded_adapters",
+            "max_job_attempts",
             "max_message_bytes",
         ):
             if getattr(self, name) < 1:
@@ -123,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
-    kind = type(f.default) if f.default != () else tuple
+    kind: type = type(f.default)
     if f.metadata.get("multiple"):
         items = raw.split(os.pathsep) if isinstance(raw, str) else raw
         return tuple(Path(p) for p in items if p)

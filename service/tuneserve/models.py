@@ -43,4 +43,4 @@ def load_tokenizer(base_model: str) -> Tokenizer:
 def load_model(base_model: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     log.info("loading %s on %s as %s", base_model, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to narrowly

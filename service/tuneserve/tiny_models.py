@@ -62,9 +62,9 @@ def build_tokenizer(
     )
 
 
-def tiny_config(architecture: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> (
-    PretrainedConfig
-):
+def tiny_config(
+    architecture: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
+) -> PretrainedConfig:
     common = {
         "vocab_size": vocab_size,
         "eos_token_id": tokenizer.eos_token_id,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from tests.support import vader_rows
 from tuneserve.client import ClientError, TuneserveClient
 from tuneserve.v1 import tuneserve_pb2 as pb
+
+from tests.support import vader_rows
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent / "tuneserve"
@@ -27,9 +27,22 @@ BIN = Path(sys.executable).parent / "tuneserve"
 class ServerProcess:
     def __init__(self, model: Path, data: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--base-model", str(model), "--listen", "127.0.0.1:0",
-             "--data-dir", str(data), "--grace-period-s", "10", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(BIN),
+                "serve",
+                "--base-model",
+                str(model),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data),
+                "--grace-period-s",
+                "10",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._port = threading.Event()
@@ -76,8 +89,11 @@ def test_sigterm_drains_in_flight_calls_exits_0_and_requeues_the_job(
     server = ServerProcess(tiny_gpt2, tmp_path)
     processes.append(server)
     client = server.client
-    job = client.train(rows=vader_rows(), adapter_id="long",
-                       training=pb.TrainingConfig(max_steps=100_000, batch_size=2))
+    job = client.train(
+        rows=vader_rows(),
+        adapter_id="long",
+        training=pb.TrainingConfig(max_steps=100_000, batch_size=2),
+    )
     _wait_running(client, job.id)
 
     stream = TuneserveClient(server.target)
@@ -108,8 +124,11 @@ def test_job_running_when_the_process_dies_is_never_left_running(
 ) -> None:
     server = ServerProcess(tiny_gpt2, tmp_path, "--max-job-attempts", "2")
     processes.append(server)
-    job = server.client.train(rows=vader_rows(), adapter_id="doomed",
-                              training=pb.TrainingConfig(max_steps=100_000, batch_size=2))
+    job = server.client.train(
+        rows=vader_rows(),
+        adapter_id="doomed",
+        training=pb.TrainingConfig(max_steps=100_000, batch_size=2),
+    )
     _wait_running(server.client, job.id)
     server.stop(signal.SIGKILL)
 
@@ -131,7 +150,10 @@ def test_job_running_when_the_process_dies_is_never_left_running(
 def test_bad_configuration_exits_with_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN), "serve", "--listen", "nonsense", "--dataset-roots", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "TUNESERVE_BASE_MODEL": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TUNESERVE_BASE_MODEL": ""},
     )
     assert result.returncode == 2
     for setting in ("base_model", "listen", "dataset_roots"):

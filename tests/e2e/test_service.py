@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from tests.support import ServerThread, make_config, vader_rows
 from tuneserve.client import ClientError, TuneserveClient
 from tuneserve.v1 import tuneserve_pb2 as pb
+
+from tests.support import ServerThread, make_config, vader_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -33,8 +33,14 @@ def served(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     job = client.train(rows=vader_rows(), adapter_id="vader", **FIT)
     seen: list[pb.Job] = []
     done = client.wait(job.id, poll_s=0.02, timeout=300, on_progress=seen.append)
-    yield {"server": server, "client": client, "job": done, "seen": seen, "roots": roots,
-           "data": data}
+    yield {
+        "server": server,
+        "client": client,
+        "job": done,
+        "seen": seen,
+        "roots": roots,
+        "data": data,
+    }
     client.close()
     server.stop()
 
@@ -80,8 +86,9 @@ def test_stream_matches_unary_and_ends_with_finish_reason(served: dict) -> None:
     client: TuneserveClient = served["client"]
     prompt = vader_rows()[9]["prompt"]
     unary = client.generate(prompt, adapter_id="vader", greedy=True, max_new_tokens=30)
-    chunks = list(client.generate_stream(prompt, adapter_id="vader", greedy=True,
-                                         max_new_tokens=30))
+    chunks = list(
+        client.generate_stream(prompt, adapter_id="vader", greedy=True, max_new_tokens=30)
+    )
     assert len(chunks) > 1
     assert "".join(c.text for c in chunks) == unary.text
     assert chunks[-1].finish_reason == pb.FINISH_REASON_EOS
@@ -91,8 +98,14 @@ def test_stream_matches_unary_and_ends_with_finish_reason(served: dict) -> None:
 
 def test_same_seed_same_text_and_stop_sequences(served: dict) -> None:
     client: TuneserveClient = served["client"]
-    sampling = {"temperature": 1.3, "top_k": 50, "top_p": 0.95, "max_new_tokens": 20,
-                "repetition_penalty": 1.2, "no_repeat_ngram_size": 2}
+    sampling = {
+        "temperature": 1.3,
+        "top_k": 50,
+        "top_p": 0.95,
+        "max_new_tokens": 20,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 2,
+    }
     a = client.generate("Question: Hello? Answer:", seed=1234, **sampling)
     b = client.generate("Question: Hello? Answer:", seed=1234, **sampling)
     c = client.generate("Question: Hello? Answer:", seed=99, **sampling)
@@ -124,7 +137,7 @@ def test_unknown_adapter_is_not_found(served: dict) -> None:
 
 def test_malformed_row_is_invalid_argument_naming_the_row(served: dict) -> None:
     client: TuneserveClient = served["client"]
-    rows = vader_rows()[:3] + [{"prompt": "Question: hi? Answer:"}]
+    rows = [*vader_rows()[:3], {"prompt": "Question: hi? Answer:"}]
     before = len(list(client.list_jobs()))
     with pytest.raises(ClientError) as e:
         client.train(rows=rows, adapter_id="broken")
@@ -138,16 +151,18 @@ def test_malformed_row_is_invalid_argument_naming_the_row(served: dict) -> None:
 def test_bad_settings_are_reported_together(served: dict) -> None:
     client: TuneserveClient = served["client"]
     with pytest.raises(ClientError) as e:
-        client.train(rows=vader_rows()[:2], adapter_id="Bad/Id",
-                     training=pb.TrainingConfig(learning_rate=5.0),
-                     lora=pb.LoraConfig(dropout=1.5))
+        client.train(
+            rows=vader_rows()[:2],
+            adapter_id="Bad/Id",
+            training=pb.TrainingConfig(learning_rate=5.0),
+            lora=pb.LoraConfig(dropout=1.5),
+        )
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     fields = {f for f, _ in e.value.violations}
     assert {"adapter_id", "training.learning_rate", "lora.dropout"} <= fields
     with pytest.raises(ClientError) as e:
         client.generate("hi", top_p=1.5, max_new_tokens=100000)
-    assert {f for f, _ in e.value.violations} == {"parameters.top_p",
-                                                  "parameters.max_new_tokens"}
+    assert {f for f, _ in e.value.violations} == {"parameters.top_p", "parameters.max_new_tokens"}
 
 
 def test_dataset_files_only_under_allowed_roots(served: dict, tmp_path: Path) -> None:
@@ -170,8 +185,9 @@ def test_dataset_files_only_under_allowed_roots(served: dict, tmp_path: Path) ->
     assert e.value.row == 1 and e.value.field == "dataset.path[1].text"
     good = served["roots"] / "good.jsonl"
     good.write_text('{"text": "Question: a? Answer: b"}\n')
-    job = client.train(dataset_path=str(good), adapter_id="from-file",
-                       training=pb.TrainingConfig(max_steps=2))
+    job = client.train(
+        dataset_path=str(good), adapter_id="from-file", training=pb.TrainingConfig(max_steps=2)
+    )
     assert client.wait(job.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
 
 
@@ -180,8 +196,12 @@ def test_duplicate_adapter_id_and_idempotent_request_id(served: dict) -> None:
     with pytest.raises(ClientError) as e:
         client.train(rows=vader_rows()[:2], adapter_id="vader")
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
-    first = client.train(rows=vader_rows()[:2], adapter_id="idem", request_id="req-1",
-                         training=pb.TrainingConfig(max_steps=2))
+    first = client.train(
+        rows=vader_rows()[:2],
+        adapter_id="idem",
+        request_id="req-1",
+        training=pb.TrainingConfig(max_steps=2),
+    )
     again = client.train(rows=vader_rows()[:2], adapter_id="idem", request_id="req-1")
     assert again.id == first.id
     assert client.wait(first.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
@@ -198,8 +218,9 @@ def test_health_and_reflection(served: dict) -> None:
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        list_services="")]), timeout=5)
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"tuneserve.v1.TuneserveService", "grpc.health.v1.Health"} <= names
     channel.close()
@@ -208,8 +229,11 @@ def test_health_and_reflection(served: dict) -> None:
 def test_cancelled_job_ends_cancelled(tiny_gpt2: Path, tmp_path: Path, server_factory) -> None:
     server = server_factory(make_config(tiny_gpt2, tmp_path))
     with TuneserveClient(server.target) as client:
-        long = client.train(rows=vader_rows(), adapter_id="long",
-                            training=pb.TrainingConfig(max_steps=100_000, batch_size=2))
+        long = client.train(
+            rows=vader_rows(),
+            adapter_id="long",
+            training=pb.TrainingConfig(max_steps=100_000, batch_size=2),
+        )
         queued = client.train(rows=vader_rows(), adapter_id="queued")
         assert client.get_status(queued.id).progress.queue_position == 0
         deadline = time.monotonic() + 60
@@ -235,8 +259,7 @@ def test_restarted_server_keeps_jobs_and_serves_adapter(
     first = server_factory(make_config(tiny_gpt2, tmp_path))
     row = vader_rows()[6]
     with TuneserveClient(first.target) as client:
-        job = client.wait(client.train(rows=vader_rows(), adapter_id="kept", **FIT).id,
-                          timeout=300)
+        job = client.wait(client.train(rows=vader_rows(), adapter_id="kept", **FIT).id, timeout=300)
         assert job.state == pb.JOB_STATE_SUCCEEDED
         before = client.generate(row["prompt"], adapter_id="kept", greedy=True).text
     first.stop()

@@ -5,8 +5,12 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from tuneserve.errors import InvalidArgument
-from tuneserve.inference.params import FinishReason, GenerationChunk, GenerationRequest
-from tuneserve.inference.params import SamplingParams
+from tuneserve.inference.params import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
 from tuneserve.jobs.manager import TrainRequest
 from tuneserve.jobs.model import Job, JobState, LoraSpec, TrainingSpec
 from tuneserve.registry import AdapterInfo

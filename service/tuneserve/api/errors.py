@@ -34,7 +34,7 @@ STATUS_CODES: dict[type[errors.TuneserveError], grpc.StatusCode] = {
 def status_code(error: errors.TuneserveError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
@@ -19,7 +19,7 @@ from tuneserve.registry import AdapterRegistry
 from tuneserve.v1 import tuneserve_pb2 as pb
 from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 MAX_PAGE_SIZE = 1000
 
 
@@ -67,7 +67,10 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         size = min(request.page_size or 50, MAX_PAGE_SIZE)
         offset = _page_offset(request.page_token)
         jobs = await asyncio.to_thread(
-            self._jobs.list, state=convert.job_state(request.state), offset=offset, limit=size + 1
+            self._jobs.list_jobs,
+            state=convert.job_state(request.state),
+            offset=offset,
+            limit=size + 1,
         )
         more = len(jobs) > size
         return pb.ListJobsResponse(

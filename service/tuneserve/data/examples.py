@@ -42,13 +42,11 @@ def encode_rows(
     if dataset_format is DatasetFormat.TEXT:
         encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
         for ids in encoded:
-            ids = (list(ids) + [eos])[:max_seq_length]
+            ids = ([*list(ids), eos])[:max_seq_length]
             examples.append(Example(ids, list(ids)))
     else:
         prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
-        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)[
-            "input_ids"
-        ]
+        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
         for p, r in zip(prompts, responses, strict=True):
             ids = (list(p) + list(r) + [eos])[:max_seq_length]
             labels = ([IGNORE_INDEX] * len(p) + list(r) + [eos])[:max_seq_length]

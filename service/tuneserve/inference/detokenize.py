@@ -19,7 +19,7 @@ class IncrementalDecoder:
 
     def push(self, token_ids: Sequence[int]) -> tuple[str, bool]:
         """Decode the ids so far; return (new final text, whether a stop sequence ended it)."""
-        text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
             return "", False
         self.text = text

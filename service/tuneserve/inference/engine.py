@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -54,7 +55,8 @@ class Engine:
         self._model: PreTrainedModel | PeftModel | None = None
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.tokenizer = None
+        self.tokenizer: Tokenizer | None = None
+        self._max_positions = 0
 
     @property
     def ready(self) -> bool:
@@ -68,8 +70,11 @@ class Engine:
         self.tokenizer = tokenizer
         self._model = model
         self._max_positions = _max_positions(model)
-        for _ in self._decode([tokenizer.eos_token_id], SamplingParams(max_new_tokens=2,
-                              greedy=True, seed=0), lambda: False):
+        for _ in self._decode(
+            [tokenizer.eos_token_id],
+            SamplingParams(max_new_tokens=2, greedy=True, seed=0),
+            lambda: False,
+        ):
             pass
         log.info("model %s ready on %s", self._config.base_model, self.device)
 
@@ -154,6 +159,7 @@ class Engine:
         if isinstance(self._model, PeftModel):
             self._model.load_adapter(path, adapter_name=adapter_id, is_trainable=False)
         else:
+            assert self._model is not None
             self._model = PeftModel.from_pretrained(
                 self._model, path, adapter_name=adapter_id, is_trainable=False
             )
@@ -196,7 +202,7 @@ class Engine:
                     break
                 out = self._model(input_ids=step_input, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                scores = processors(ids, out.logits[:, -1, :].float())
+                scores = processors(ids, out.logits[:, -1, :].float())  # type: ignore[arg-type]
                 if params.is_greedy:
                     token = scores.argmax(dim=-1, keepdim=True)
                 else:

@@ -197,9 +197,11 @@ class JobManager:
                 job.queue_position = self._queue.index(job_id)
             return job
 
-    def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]:
+    def list_jobs(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]:
         jobs = self._store.list(state=state, offset=offset, limit=limit)
-        return [self.get(j.id) if j.state in (JobState.QUEUED, JobState.RUNNING) else j for j in jobs]
+        return [
+            self.get(j.id) if j.state in (JobState.QUEUED, JobState.RUNNING) else j for j in jobs
+        ]
 
     def cancel(self, job_id: str) -> Job:
         with self._cond:
@@ -292,14 +294,18 @@ class JobManager:
                     self._running = None
         except (InvalidArgument, AlreadyExists) as e:
             code = "INVALID_DATASET" if isinstance(e, InvalidArgument) else "ADAPTER_EXISTS"
-            self._finish(job, JobState.FAILED, JobFailure(
-                code=code, message=e.message, field=e.field, row=e.row
-            ))
+            self._finish(
+                job,
+                JobState.FAILED,
+                JobFailure(code=code, message=e.message, field=e.field, row=e.row),
+            )
         except Exception as e:
             log.exception("job %s failed", job.id)
-            self._finish(job, JobState.FAILED, JobFailure(
-                code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}"
-            ))
+            self._finish(
+                job,
+                JobState.FAILED,
+                JobFailure(code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}"),
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

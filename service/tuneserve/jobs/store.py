@@ -4,6 +4,7 @@ slots in behind the same interface."""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import sqlite3
@@ -45,7 +46,7 @@ class JobStore(Protocol):
 
     def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]: ...
 
-    def in_states(self, *states: JobState) -> list[Job]:
+    def in_states(self, *states: JobState) -> builtins.list[Job]:
         """Jobs in any of the states, oldest first."""
         ...
 
@@ -93,10 +94,11 @@ class SQLiteJobStore:
             (*args, limit, offset),
         )
 
-    def in_states(self, *states: JobState) -> list[Job]:
+    def in_states(self, *states: JobState) -> builtins.list[Job]:
         marks = ",".join("?" * len(states))
         return self._many(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", [s.value for s in states]
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
+            tuple(s.value for s in states),
         )
 
     def close(self) -> None:
@@ -120,7 +122,9 @@ class SQLiteJobStore:
         rows = self._many(sql, args)
         return rows[0] if rows else None
 
-    def _many(self, sql: str, args: tuple[object, ...] | list[object]) -> list[Job]:
+    def _many(
+        self, sql: str, args: tuple[object, ...] | builtins.list[object]
+    ) -> builtins.list[Job]:
         with self._lock:
             cur = self._db.execute(sql, args)
             names = [d[0] for d in cur.description]

@@ -24,7 +24,7 @@ from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import JobSpec, Progress
 
 
-class StopTraining(Exception):  # noqa: N818 - a signal, not a failure
+class StopTraining(Exception):
     """Raised out of the loop when `should_stop` says so; the job decides what it means."""
 
 
@@ -66,7 +66,7 @@ def train_lora(
     peft_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; floats work
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules) or "all-linear",
     )
@@ -113,7 +113,7 @@ def train_lora(
 
     # --- Save: PEFT safetensors, the adapter only.
     peft_model.save_pretrained(str(output_dir), safe_serialization=True)
-    targets = peft_model.peft_config["default"].target_modules
+    targets = getattr(peft_model.peft_config["default"], "target_modules", ())
     return TrainResult(
         final_loss=loss_value,
         steps=step,
