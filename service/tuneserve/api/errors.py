@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tuneserve import errors
+from tuneserve.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,12 @@ def to_status(error: errors.TuneserveError) -> grpc.Status:
 _R = TypeVar("_R")
 
 
+def _bind_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Log lines of this call carry the caller's x-request-id, or one made up here."""
+    given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    request_id_var.set(str(given)[:64] or uuid.uuid4().hex[:12])
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
     if isinstance(error, errors.TuneserveError):
         await context.abort_with_status(to_status(error))
@@ -79,6 +87,7 @@ def unary(
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _R:
+        _bind_request_id(context)
         try:
             return await handler(self, request, context)
         except Exception as e:
@@ -99,6 +108,7 @@ def streaming(
     async def wrapper(
         self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[_R]:
+        _bind_request_id(context)
         try:
             async for item in handler(self, request, context):
                 yield item

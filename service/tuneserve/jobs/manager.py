@@ -46,6 +46,7 @@ from tuneserve.jobs.model import (
     TrainingSpec,
 )
 from tuneserve.jobs.store import JobStore
+from tuneserve.logs import job_id_var
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ class JobManager:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        job_id_var.set(job.id)
         staging = self._registry.staging_dir()
         last_persist = 0.0
 
