@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # CPU machines take the local CPU build of torch; the CUDA image installs its own.
 TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := service/tuneserve/v1
+PY_SOURCES := $(wildcard service tests examples bench)
 
 .PHONY: setup proto demo test unit lint fmt serve clean
 
@@ -30,13 +31,13 @@ demo: setup
 
 lint: setup
 	cd proto && ../$(BIN)/buf lint
-	$(BIN)/ruff check service tests examples bench
-	$(BIN)/ruff format --check service tests examples bench
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/mypy
 
 fmt: setup
-	$(BIN)/ruff check --fix service tests examples bench
-	$(BIN)/ruff format service tests examples bench
+	$(BIN)/ruff check --fix $(PY_SOURCES)
+	$(BIN)/ruff format $(PY_SOURCES)
 
 test: lint
 	$(BIN)/pytest -q

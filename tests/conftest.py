@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tuneserve.logs import quiet_libraries
 
 from tests.support import ServerThread, vader_rows
+from tuneserve.logs import quiet_libraries
 
 quiet_libraries()
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
 
 from tests.support import vader_rows
+from tuneserve.client import ClientError, TuneserveClient
+from tuneserve.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent / "tuneserve"

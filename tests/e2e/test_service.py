@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
 
 from tests.support import ServerThread, make_config, vader_rows
+from tuneserve.client import ClientError, TuneserveClient
+from tuneserve.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 
