@@ -303,3 +303,36 @@ def test_llama_architecture_trains_and_generates(
         assert any(m.endswith("q_proj") for m in modules)  # Llama names, not GPT-2's c_attn
         out = client.generate(rows[1]["prompt"], adapter_id="llama", greedy=True)
         assert out.text == rows[1]["response"]
+
+
+def test_cancelled_stream_frees_the_engine_and_other_calls_stay_answered(served: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+
+    client: TuneserveClient = served["client"]
+    channel = grpc.insecure_channel(served["server"].target)
+    stub = pb_grpc.TuneserveServiceStub(channel)
+    long = pb.GenerateStreamRequest(
+        prompt="hi", parameters=pb.GenerationParameters(greedy=True, max_new_tokens=480)
+    )
+    call = stub.GenerateStream(long)
+    next(call)
+    call.cancel()  # the server stops decoding at its next token
+    started = time.monotonic()
+    assert client.generate("hi", max_new_tokens=2, seed=1).generated_tokens <= 2
+    assert time.monotonic() - started < 5
+
+    # Many generations waiting their turn do not starve the job and registry calls.
+    with ThreadPoolExecutor(12) as pool:
+        streams = [
+            pool.submit(lambda: list(stub.GenerateStream(long, timeout=120))) for _ in range(12)
+        ]
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert [a.id for a in client.list_adapters()][-1] == "vader"
+        client.get_status(served["job"].id)
+        assert time.monotonic() - started < 1
+        for s in streams:
+            assert s.result()[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    channel.close()

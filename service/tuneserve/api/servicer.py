@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeAlias
 
 import grpc
@@ -21,6 +22,8 @@ from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 MAX_PAGE_SIZE = 1000
+# Threads that drive generations; each waits its turn on the engine, off the event loop.
+GENERATION_THREADS = 64
 
 
 class Generator(Protocol):
@@ -41,6 +44,7 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         self._jobs = jobs
         self._registry = registry
         self._engine = engine
+        self._generation_pool = ThreadPoolExecutor(GENERATION_THREADS, "generate")
 
     @unary
     async def TrainJob(self, request: pb.TrainJobRequest, context: Context) -> pb.TrainJobResponse:
@@ -130,7 +134,8 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
     ) -> AsyncIterator[GenerationChunk]:
         domain = convert.generation_request(request)
         return iterate_in_thread(
-            lambda is_cancelled: self._engine.generate(domain, is_cancelled=is_cancelled)
+            lambda is_cancelled: self._engine.generate(domain, is_cancelled=is_cancelled),
+            executor=self._generation_pool,
         )
 
     def _require_ready(self) -> None:
