@@ -44,3 +44,13 @@ def load_model(base_model: str, *, device: torch.device, dtype: torch.dtype) -> 
     log.info("loading %s on %s as %s", base_model, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     return model.to(device)  # type: ignore[arg-type]  # transformers types .to narrowly
+
+
+def max_positions(model: PreTrainedModel) -> int:
+    """The longest sequence the model takes (its position table), or a huge number."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20

@@ -38,7 +38,13 @@ from tuneserve.inference.params import (
     resolve_params,
 )
 from tuneserve.jobs.model import check_adapter_id
-from tuneserve.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from tuneserve.models import (
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_device,
+    resolve_dtype,
+)
 from tuneserve.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -69,7 +75,7 @@ class Engine:
         model.eval()
         self.tokenizer = tokenizer
         self._model = model
-        self._max_positions = _max_positions(model)
+        self._max_positions = max_positions(model)
         for _ in self._decode(
             [tokenizer.eos_token_id],
             SamplingParams(max_new_tokens=2, greedy=True, seed=0),
@@ -237,12 +243,3 @@ def _processors(params: SamplingParams) -> LogitsProcessorList:
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
     return processors
-
-
-def _max_positions(model: PreTrainedModel) -> int:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 20

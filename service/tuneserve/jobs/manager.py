@@ -180,10 +180,16 @@ class JobManager:
         job = Job(id=job_id, spec=spec)
         with self._cond:
             self._check_adapter_id_free(spec.adapter_id)
-            write_snapshot(rows, self._snapshot_path(job_id))
-            self._store.insert(job)
-            self._queue.append(job_id)
-            self._cond.notify_all()
+        write_snapshot(rows, self._snapshot_path(job_id))  # large: not under the lock
+        try:
+            with self._cond:
+                self._check_adapter_id_free(spec.adapter_id)  # a racing submit may have won
+                self._store.insert(job)
+                self._queue.append(job_id)
+                self._cond.notify_all()
+        except BaseException:
+            self._snapshot_path(job_id).unlink(missing_ok=True)
+            raise
         log.info("job %s queued: %d rows -> adapter %s", job_id, len(rows), spec.adapter_id)
         return self.get(job_id)
 

@@ -147,7 +147,7 @@ class Progress:
     loss: float = 0.0
     tokens_per_second: float = 0.0
     eta_seconds: float = 0.0
-    trained_tokens: int = 0
+    trained_tokens: int = 0  # non-pad tokens through the model, prompts included
 
     @property
     def fraction_done(self) -> float:

@@ -22,6 +22,7 @@ from tuneserve.data.examples import Example, collate, encode_rows
 from tuneserve.data.rows import Row
 from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import JobSpec, Progress
+from tuneserve.models import max_positions
 
 
 class StopTraining(Exception):
@@ -53,8 +54,9 @@ def train_lora(
     torch.manual_seed(tr.seed)
 
     # --- Data: tokenise once; padding happens per batch.
+    max_len = min(tr.max_seq_length, max_positions(model))
     examples = encode_rows(
-        rows, tokenizer, dataset_format=spec.dataset_format, max_seq_length=tr.max_seq_length
+        rows, tokenizer, dataset_format=spec.dataset_format, max_seq_length=max_len
     )
     _check_trainable(examples, spec)
     batches_per_epoch = math.ceil(len(examples) / tr.batch_size)
@@ -106,7 +108,7 @@ def train_lora(
             progress.step = step
             progress.epoch = step / batches_per_epoch
             progress.loss = loss_value
-            progress.trained_tokens += sum(e.trained_tokens for e in batch_examples)
+            progress.trained_tokens += sum(len(e.input_ids) for e in batch_examples)
             progress.tokens_per_second = progress.trained_tokens / max(elapsed, 1e-9)
             progress.eta_seconds = elapsed / step * (total_steps - step)
             on_progress(progress)
