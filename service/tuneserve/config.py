@@ -71,9 +71,10 @@ class ServerConfig:
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
 
-    def validate(self) -> ServerConfig:
-        """Every problem at once, as InvalidArgument naming the setting."""
-        problems: list[InvalidArgument] = []
+    def validate(self, *, earlier: Sequence[InvalidArgument] = ()) -> ServerConfig:
+        """Every problem at once (with `earlier` ones, from reading the values), as
+        InvalidArgument naming the setting."""
+        problems: list[InvalidArgument] = list(earlier)
 
         def bad(name: str, message: str) -> None:
             problems.append(InvalidArgument(f"{name}: {message}", field=name))
@@ -157,13 +158,17 @@ def load_config(
     """Build and validate the configuration from parsed flags over environment variables."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    problems: list[InvalidArgument] = []
     for f in dataclasses.fields(ServerConfig):
         raw = getattr(args, f.name, None) if args is not None else None
         if raw is None:
             raw = env.get(ENV_PREFIX + f.name.upper())
         if raw is not None and raw != "":
-            values[f.name] = _convert(f, raw)
-    return ServerConfig(**values).validate()
+            try:
+                values[f.name] = _convert(f, raw)
+            except InvalidArgument as e:
+                problems.append(e)
+    return ServerConfig(**values).validate(earlier=problems)
 
 
 def config_from_flags(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:

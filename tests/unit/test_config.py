@@ -136,11 +136,6 @@ def test_non_number_is_rejected_naming_the_setting() -> None:
     assert "lots" in info.value.message
 
 
-@pytest.mark.xfail(
-    reason="BUG: config._convert raises on the first non-number before validate() runs, so "
-    "a bad number hides every other problem instead of being reported with them",
-    strict=True,
-)
 def test_non_number_is_reported_together_with_other_problems() -> None:
     with pytest.raises(InvalidArgument) as info:
         config_from_flags(["--max-dataset-rows", "lots", "--listen", "nowhere"], env={})

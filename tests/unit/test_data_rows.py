@@ -236,7 +236,7 @@ def test_non_file_is_rejected(root: Path, name: str) -> None:
 
 def test_snapshot_round_trip(tmp_path: Path) -> None:
     rows = [
-        {"prompt": "Line one\nline two", "response": "caf\u00e9 \u2603 \"quoted\""},
+        {"prompt": "Line one\nline two", "response": 'caf\u00e9 \u2603 "quoted"'},
         {"prompt": "{}", "response": "\\n is not a newline"},
     ]
     path = tmp_path / "datasets" / "job.jsonl"  # the parent does not exist yet

@@ -157,14 +157,13 @@ class JobManager:
     # --- API
 
     def submit(self, request: TrainRequest) -> Job:
-        """Validate everything, snapshot the dataset, queue the job."""
+        """Validate everything, snapshot the dataset, queue the job. A request_id seen before
+        (a client's retry, even one racing the first call) returns the first call's job."""
         with self._cond:
             if not self._accepting:
                 raise FailedPrecondition("the server is shutting down; retry on another replica")
-        if request.request_id:
-            existing = self._store.find_by_request_id(request.request_id)
-            if existing is not None:
-                return self.get(existing.id)
+            if first := self._by_request_id(request.request_id):
+                return first
         job_id = uuid.uuid4().hex[:16]
         spec = JobSpec(
             base_model=self._base_model,
@@ -179,10 +178,15 @@ class JobManager:
         spec = dataclasses.replace(spec, dataset_format=dataset_format, dataset_rows=len(rows))
         job = Job(id=job_id, spec=spec)
         with self._cond:
+            if first := self._by_request_id(request.request_id):
+                return first
             self._check_adapter_id_free(spec.adapter_id)
         write_snapshot(rows, self._snapshot_path(job_id))  # large: not under the lock
         try:
             with self._cond:
+                if first := self._by_request_id(request.request_id):
+                    self._snapshot_path(job_id).unlink(missing_ok=True)
+                    return first
                 self._check_adapter_id_free(spec.adapter_id)  # a racing submit may have won
                 self._store.insert(job)
                 self._queue.append(job_id)
@@ -353,6 +357,13 @@ class JobManager:
                     f"job {job.id} is already training adapter {adapter_id!r}",
                     field="adapter_id",
                 )
+
+    def _by_request_id(self, request_id: str) -> Job | None:
+        """The job already made for this idempotency key, if any. Call under the lock."""
+        if not request_id:
+            return None
+        job = self._store.find_by_request_id(request_id)
+        return self.get(job.id) if job is not None else None
 
     def _snapshot_path(self, job_id: str) -> Path:
         return self._datasets_dir / f"{job_id}.jsonl"
