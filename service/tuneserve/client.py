@@ -112,23 +112,29 @@ class TuneserveClient:
         lora: pb.LoraConfig | None = None,
         training: pb.TrainingConfig | None = None,
         request_id: str = "",
+        validation_rows: Iterable[Mapping[str, str]] | None = None,
+        validation_path: str | None = None,
+        parent_adapter_id: str = "",
     ) -> pb.Job:
-        dataset = pb.Dataset()
-        if dataset_path is not None:
-            dataset.path = dataset_path
-        else:
-            dataset.inline.rows.extend(pb.DatasetRow(**dict(r)) for r in rows or [])
+        """Rows are dicts of `text`, or of `prompt` and `response`; paths are on the server."""
         request = pb.TrainJobRequest(
-            dataset=dataset,
+            dataset=_dataset(rows, dataset_path),
             adapter_id=adapter_id,
             lora=lora,
             training=training,
             request_id=request_id,
+            parent_adapter_id=parent_adapter_id,
         )
+        if validation_rows is not None or validation_path is not None:
+            request.validation.CopyFrom(_dataset(validation_rows, validation_path))
         return self._call(self._stub.TrainJob, request).job
 
     def get_status(self, job_id: str) -> pb.Job:
         return self._call(self._stub.GetStatus, pb.GetStatusRequest(job_id=job_id)).job
+
+    def loss_curve(self, job_id: str) -> list[pb.LossPoint]:
+        request = pb.GetLossCurveRequest(job_id=job_id)
+        return list(self._call(self._stub.GetLossCurve, request).points)
 
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job
@@ -208,3 +214,12 @@ class TuneserveClient:
             return method(request, timeout=self.timeout if timeout == -1.0 else timeout)
         except grpc.RpcError as e:
             raise ClientError.from_rpc_error(e) from None
+
+
+def _dataset(rows: Iterable[Mapping[str, str]] | None, path: str | None) -> pb.Dataset:
+    dataset = pb.Dataset()
+    if path is not None:
+        dataset.path = path
+    else:
+        dataset.inline.rows.extend(pb.DatasetRow(**dict(r)) for r in rows or [])
+    return dataset

@@ -71,6 +71,10 @@ class ServerConfig:
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
     def validate(self, *, earlier: Sequence[InvalidArgument] = ()) -> ServerConfig:
         """Every problem at once (with `earlier` ones, from reading the values), as
         InvalidArgument naming the setting."""

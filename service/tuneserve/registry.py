@@ -37,6 +37,8 @@ class AdapterInfo:
     trained_tokens: int
     created_at: float = field(default_factory=time.time)
     size_bytes: int = 0
+    parent_adapter_id: str = ""
+    eval_loss: float | None = None
 
 
 class AdapterRegistry:

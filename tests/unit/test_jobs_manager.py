@@ -32,6 +32,8 @@ class FakeResult:
     steps: int
     trained_tokens: int
     target_modules: tuple[str, ...] = ("c_attn",)
+    eval_loss: float | None = None
+    samples: tuple[dict[str, str], ...] = ()
 
 
 @dataclass
@@ -53,6 +55,7 @@ class FakeTrainer:
         output_dir: Path,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
+        **more: Any,
     ) -> FakeResult:
         self.calls.append((spec.adapter_id, list(rows)))
         self.started.set()

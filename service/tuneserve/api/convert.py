@@ -13,6 +13,7 @@ from tuneserve.inference.params import (
 )
 from tuneserve.jobs.manager import TrainRequest
 from tuneserve.jobs.model import Job, JobState, LoraSpec, TrainingSpec
+from tuneserve.jobs.store import LossPoint
 from tuneserve.registry import AdapterInfo
 from tuneserve.v1 import tuneserve_pb2 as pb
 
@@ -32,27 +33,38 @@ _FINISH = {
 }
 
 
-def train_request(req: pb.TrainJobRequest) -> TrainRequest:
-    source = req.dataset.WhichOneof("source")
-    if source is None:
-        raise InvalidArgument("dataset: give inline rows or a path", field="dataset")
-    rows = None
+def _dataset(dataset: pb.Dataset) -> tuple[list[dict[str, str]] | None, str | None]:
+    source = dataset.WhichOneof("source")
     if source == "inline":
         rows = [
             {"text": r.text, "prompt": r.prompt, "response": r.response}
-            for r in req.dataset.inline.rows
+            for r in dataset.inline.rows
         ]
+        return rows, None
+    return None, dataset.path if source == "path" else None
+
+
+def train_request(req: pb.TrainJobRequest) -> TrainRequest:
+    if req.dataset.WhichOneof("source") is None:
+        raise InvalidArgument("dataset: give inline rows or a path", field="dataset")
+    rows, path = _dataset(req.dataset)
+    validation_rows, validation_path = _dataset(req.validation)
     defaults_lora, defaults_tr = LoraSpec(), TrainingSpec()
     lora, tr = req.lora, req.training
     return TrainRequest(
         rows=rows,
-        dataset_path=req.dataset.path if source == "path" else None,
+        dataset_path=path,
+        validation_rows=validation_rows,
+        validation_path=validation_path,
+        parent_adapter_id=req.parent_adapter_id,
         adapter_id=req.adapter_id,
         lora=LoraSpec(
             r=lora.r or defaults_lora.r,
             alpha=lora.alpha,
             dropout=lora.dropout if lora.HasField("dropout") else defaults_lora.dropout,
             target_modules=tuple(lora.target_modules),
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
         ),
         training=TrainingSpec(
             epochs=tr.epochs or defaults_tr.epochs,
@@ -62,6 +74,14 @@ def train_request(req: pb.TrainJobRequest) -> TrainRequest:
             max_seq_length=tr.max_seq_length or defaults_tr.max_seq_length,
             seed=tr.seed if tr.HasField("seed") else defaults_tr.seed,
             warmup_steps=tr.warmup_steps if tr.HasField("warmup_steps") else None,
+            scheduler=tr.scheduler or defaults_tr.scheduler,
+            weight_decay=tr.weight_decay,
+            gradient_accumulation_steps=tr.gradient_accumulation_steps or 1,
+            eval_fraction=tr.eval_fraction,
+            eval_every_steps=tr.eval_every_steps,
+            checkpoint_every_steps=tr.checkpoint_every_steps,
+            gradient_checkpointing=tr.gradient_checkpointing,
+            loss_on=tr.loss_on or defaults_tr.loss_on,
         ),
         request_id=req.request_id,
     )
@@ -82,17 +102,24 @@ def job(j: Job) -> pb.Job:
             eta_seconds=p.eta_seconds,
             queue_position=j.queue_position,
             fraction_done=p.fraction_done,
+            eval_loss=p.eval_loss,
+            resumed_from_step=p.resumed_from_step,
         ),
         create_time=_timestamp(j.created_at),
         adapter_id=s.adapter_id,
         base_model=s.base_model,
         dataset_rows=s.dataset_rows,
+        validation_rows=s.validation_rows,
+        parent_adapter_id=s.parent_adapter_id,
+        samples=[pb.Sample(**sample) for sample in j.samples],
         request_id=s.request_id,
         lora=pb.LoraConfig(
             r=s.lora.r,
             alpha=s.lora.alpha,
             dropout=s.lora.dropout,
             target_modules=list(s.lora.target_modules),
+            use_rslora=s.lora.use_rslora,
+            use_dora=s.lora.use_dora,
         ),
         training=pb.TrainingConfig(
             epochs=s.training.epochs,
@@ -102,6 +129,14 @@ def job(j: Job) -> pb.Job:
             max_seq_length=s.training.max_seq_length,
             seed=s.training.seed,
             warmup_steps=s.training.warmup_steps,
+            scheduler=s.training.scheduler,
+            weight_decay=s.training.weight_decay,
+            gradient_accumulation_steps=s.training.gradient_accumulation_steps,
+            eval_fraction=s.training.eval_fraction,
+            eval_every_steps=s.training.eval_every_steps,
+            checkpoint_every_steps=s.training.checkpoint_every_steps,
+            gradient_checkpointing=s.training.gradient_checkpointing,
+            loss_on=s.training.loss_on,
         ),
     )
     if j.started_at is not None:
@@ -141,6 +176,17 @@ def adapter(a: AdapterInfo) -> pb.Adapter:
         trained_tokens=a.trained_tokens,
         create_time=_timestamp(a.created_at),
         size_bytes=a.size_bytes,
+        parent_adapter_id=a.parent_adapter_id,
+        eval_loss=a.eval_loss or 0.0,
+    )
+
+
+def loss_curve(points: list[LossPoint]) -> pb.GetLossCurveResponse:
+    return pb.GetLossCurveResponse(
+        points=[
+            pb.LossPoint(step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss)
+            for p in points
+        ]
     )
 
 

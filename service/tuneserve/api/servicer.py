@@ -60,6 +60,13 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         return pb.GetStatusResponse(job=convert.job(job))
 
     @unary
+    async def GetLossCurve(
+        self, request: pb.GetLossCurveRequest, context: Context
+    ) -> pb.GetLossCurveResponse:
+        points = await asyncio.to_thread(self._jobs.loss_curve, request.job_id)
+        return convert.loss_curve(points)
+
+    @unary
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: Context
     ) -> pb.CancelJobResponse:

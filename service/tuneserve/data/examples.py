@@ -31,8 +31,10 @@ def encode_rows(
     *,
     dataset_format: DatasetFormat,
     max_seq_length: int,
+    mask_prompt: bool = True,
 ) -> list[Example]:
-    """Text rows train on every token; prompt/response rows on the response only. The
+    """Text rows train on every token; prompt/response rows on the response only (unless
+    `mask_prompt` is off, as article 4's "loss on all tokens" variant does). The
     end-of-sequence token is appended so the model learns to stop; it is cut off with the
     rest when a row is truncated, since such a row did not end there."""
     eos = tokenizer.eos_token_id
@@ -49,7 +51,8 @@ def encode_rows(
         responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
         for p, r in zip(prompts, responses, strict=True):
             ids = (list(p) + list(r) + [eos])[:max_seq_length]
-            labels = ([IGNORE_INDEX] * len(p) + list(r) + [eos])[:max_seq_length]
+            prompt_labels = [IGNORE_INDEX] * len(p) if mask_prompt else list(p)
+            labels = (prompt_labels + list(r) + [eos])[:max_seq_length]
             examples.append(Example(ids, labels))
     return examples
 

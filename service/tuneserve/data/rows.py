@@ -15,67 +15,63 @@ from tuneserve.jobs.model import DatasetFormat
 Row = dict[str, str]
 
 
-def resolve_dataset_path(path: str, roots: Sequence[Path]) -> Path:
+def resolve_dataset_path(path: str, roots: Sequence[Path], *, field: str = "dataset.path") -> Path:
     """The real path of `path` if it lies under one of `roots`; symlinks cannot escape."""
     if not roots:
         raise InvalidArgument(
-            "dataset.path: this server reads no dataset files (start it with --dataset-roots)",
-            field="dataset.path",
+            f"{field}: this server reads no dataset files (start it with --dataset-roots)",
+            field=field,
         )
     real = Path(os.path.realpath(path))
     if not any(real.is_relative_to(root) for root in roots):
-        raise InvalidArgument(
-            f"dataset.path: {path} is outside the allowed dataset roots", field="dataset.path"
-        )
+        raise InvalidArgument(f"{field}: {path} is outside the allowed dataset roots", field=field)
     if not real.is_file():
-        raise InvalidArgument(f"dataset.path: {path} is not a file", field="dataset.path")
+        raise InvalidArgument(f"{field}: {path} is not a file", field=field)
     return real
 
 
-def read_jsonl(path: Path, *, max_bytes: int, max_rows: int) -> list[Mapping[str, Any]]:
+def read_jsonl(
+    path: Path, *, max_bytes: int, max_rows: int, field: str = "dataset.path"
+) -> list[Mapping[str, Any]]:
     size = path.stat().st_size
     if size > max_bytes:
         raise InvalidArgument(
-            f"dataset.path: {size} bytes is over the limit of {max_bytes}", field="dataset.path"
+            f"{field}: {size} bytes is over the limit of {max_bytes}", field=field
         )
     rows: list[Mapping[str, Any]] = []
     with path.open("r", encoding="utf-8", errors="strict") as f:
-        for index, line in enumerate(_lines(f, path)):
+        for index, line in enumerate(_lines(f, path, field)):
             if not line.strip():
                 raise InvalidArgument(
-                    f"dataset.path: row {index} (line {index + 1}) is empty",
-                    field="dataset.path",
+                    f"{field}: row {index} (line {index + 1}) is empty",
+                    field=field,
                     row=index,
                 )
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InvalidArgument(
-                    f"dataset.path: row {index} (line {index + 1}) is not valid JSON: {e.msg}",
-                    field="dataset.path",
+                    f"{field}: row {index} (line {index + 1}) is not valid JSON: {e.msg}",
+                    field=field,
                     row=index,
                 ) from None
             if not isinstance(obj, dict):
                 raise InvalidArgument(
-                    f"dataset.path: row {index} (line {index + 1}) is not a JSON object",
-                    field="dataset.path",
+                    f"{field}: row {index} (line {index + 1}) is not a JSON object",
+                    field=field,
                     row=index,
                 )
             rows.append(obj)
             if len(rows) > max_rows:
-                raise InvalidArgument(
-                    f"dataset.path: more than {max_rows} rows", field="dataset.path"
-                )
+                raise InvalidArgument(f"{field}: more than {max_rows} rows", field=field)
     return rows
 
 
-def _lines(f: Iterable[str], path: Path) -> Iterable[str]:
+def _lines(f: Iterable[str], path: Path, field: str) -> Iterable[str]:
     try:
         yield from (line.rstrip("\n") for line in f)
     except UnicodeDecodeError:
-        raise InvalidArgument(
-            f"dataset.path: {path.name} is not UTF-8 text", field="dataset.path"
-        ) from None
+        raise InvalidArgument(f"{field}: {path.name} is not UTF-8 text", field=field) from None
 
 
 def validate_rows(

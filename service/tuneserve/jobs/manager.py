@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import random
 import shutil
 import threading
 import time
@@ -45,7 +46,7 @@ from tuneserve.jobs.model import (
     Progress,
     TrainingSpec,
 )
-from tuneserve.jobs.store import JobStore
+from tuneserve.jobs.store import JobStore, LossPoint
 from tuneserve.logs import job_id_var
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
@@ -56,7 +57,8 @@ PERSIST_EVERY_S = 1.0
 
 @dataclass(frozen=True, kw_only=True)
 class TrainRequest:
-    """A TrainJob call, transport-free. Exactly one of `rows` and `dataset_path` is set."""
+    """A TrainJob call, transport-free. Exactly one of `rows` and `dataset_path` is set;
+    at most one of `validation_rows` and `validation_path`."""
 
     rows: Sequence[dict[str, Any]] | None = None
     dataset_path: str | None = None
@@ -64,6 +66,9 @@ class TrainRequest:
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
     training: TrainingSpec = dataclasses.field(default_factory=TrainingSpec)
     request_id: str = ""
+    validation_rows: Sequence[dict[str, Any]] | None = None
+    validation_path: str | None = None
+    parent_adapter_id: str = ""
 
 
 class Trainer(Protocol):
@@ -77,6 +82,9 @@ class Trainer(Protocol):
         output_dir: Path,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
+        validation_rows: Sequence[Row],
+        parent_adapter_dir: Path | None,
+        checkpoint_dir: Path | None,
     ) -> Any: ...
 
 
@@ -101,6 +109,7 @@ class JobManager:
         datasets_dir: Path,
         limits: Limits,
         on_adapter_registered: Callable[[AdapterInfo], None] = lambda info: None,
+        checkpoints_dir: Path | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -109,6 +118,7 @@ class JobManager:
         self._datasets_dir = datasets_dir
         self._limits = limits
         self._on_registered = on_adapter_registered
+        self._checkpoints_dir = checkpoints_dir
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -173,15 +183,26 @@ class JobManager:
             lora=request.lora,
             training=request.training,
             request_id=request.request_id,
+            parent_adapter_id=request.parent_adapter_id,
         ).validate()  # settings first: cheap, and reported before reading a large file
+        if spec.parent_adapter_id:
+            spec = dataclasses.replace(spec, lora=self._parent_lora(spec.parent_adapter_id))
         dataset_format, rows = self._load_rows(request)
-        spec = dataclasses.replace(spec, dataset_format=dataset_format, dataset_rows=len(rows))
+        rows, validation = self._split_validation(request, spec, dataset_format, rows)
+        spec = dataclasses.replace(
+            spec,
+            dataset_format=dataset_format,
+            dataset_rows=len(rows),
+            validation_rows=len(validation),
+        )
         job = Job(id=job_id, spec=spec)
         with self._cond:
             if first := self._by_request_id(request.request_id):
                 return first
             self._check_adapter_id_free(spec.adapter_id)
         write_snapshot(rows, self._snapshot_path(job_id))  # large: not under the lock
+        if validation:
+            write_snapshot(validation, self._snapshot_path(job_id, "validation"))
         try:
             with self._cond:
                 if first := self._by_request_id(request.request_id):
@@ -253,15 +274,27 @@ class JobManager:
         job_id_var.set(job.id)
         staging = self._registry.staging_dir()
         last_persist = 0.0
+        curve: list[LossPoint] = []
 
         def on_progress(progress: Progress) -> None:
             nonlocal last_persist
+            evaluated = progress.eval_step == progress.step
+            curve.append(
+                LossPoint(
+                    step=progress.step,
+                    epoch=progress.epoch,
+                    loss=progress.loss,
+                    eval_loss=progress.eval_loss if evaluated else None,
+                )
+            )
             with self._cond:
                 job.progress = dataclasses.replace(progress)
                 now = time.monotonic()
-                if now - last_persist >= PERSIST_EVERY_S:
+                if now - last_persist >= PERSIST_EVERY_S or progress.step == progress.total_steps:
                     last_persist = now
                     self._store.update(job)
+                    self._store.add_loss_points(job.id, curve)
+                    curve.clear()
 
         def should_stop() -> bool:
             return self._cancel_running or self._stopping
@@ -270,12 +303,17 @@ class JobManager:
 
         log.info("job %s started (attempt %d)", job.id, job.attempts)
         try:
+            validation_path = self._snapshot_path(job.id, "validation")
+            parent = job.spec.parent_adapter_id
             result = self._trainer(
                 spec=job.spec,
                 rows=read_snapshot(self._snapshot_path(job.id)),
                 output_dir=staging,
                 on_progress=on_progress,
                 should_stop=should_stop,
+                validation_rows=read_snapshot(validation_path) if validation_path.exists() else [],
+                parent_adapter_dir=self._registry.path(parent) if parent else None,
+                checkpoint_dir=self._checkpoint_dir(job.id),
             )
             info = self._registry.register(
                 staging,
@@ -290,15 +328,19 @@ class JobManager:
                     final_loss=result.final_loss,
                     steps=result.steps,
                     trained_tokens=result.trained_tokens,
+                    parent_adapter_id=parent,
+                    eval_loss=result.eval_loss,
                 ),
             )
+            job.samples = list(result.samples)
             self._finish(job, JobState.SUCCEEDED, None)
             self._on_registered(info)
         except StopTraining:
             if self._cancel_running:
                 self._finish(job, JobState.CANCELLED, None)
-            else:  # shutting down: run it again after the restart
+            else:  # shutting down: it resumes from its checkpoint after the restart
                 log.info("job %s stopped by shutdown; it will run again", job.id)
+                self._store.add_loss_points(job.id, curve)
                 with self._cond:
                     job.state, job.started_at, job.progress = JobState.QUEUED, None, Progress()
                     job.attempts -= 1
@@ -321,7 +363,13 @@ class JobManager:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def loss_curve(self, job_id: str) -> list[LossPoint]:
+        self.get(job_id)  # NotFound for an unknown job
+        return self._store.loss_curve(job_id)
+
     def _finish(self, job: Job, state: JobState, error: JobFailure | None) -> None:
+        if (checkpoints := self._checkpoint_dir(job.id)) is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # only an unfinished job resumes
         with self._cond:
             job.state, job.error, job.finished_at = state, error, time.time()
             self._store.update(job)
@@ -365,5 +413,81 @@ class JobManager:
         job = self._store.find_by_request_id(request_id)
         return self.get(job.id) if job is not None else None
 
-    def _snapshot_path(self, job_id: str) -> Path:
-        return self._datasets_dir / f"{job_id}.jsonl"
+    def _snapshot_path(self, job_id: str, split: str = "train") -> Path:
+        suffix = "" if split == "train" else f".{split}"
+        return self._datasets_dir / f"{job_id}{suffix}.jsonl"
+
+    def _checkpoint_dir(self, job_id: str) -> Path | None:
+        return self._checkpoints_dir / job_id if self._checkpoints_dir is not None else None
+
+    def _parent_lora(self, parent_id: str) -> LoraSpec:
+        """A continued adapter keeps its parent's shape; the parent must fit this base."""
+        try:
+            parent = self._registry.get(parent_id)
+        except NotFound:
+            raise NotFound(
+                f"parent_adapter_id: adapter {parent_id!r} not found", field="parent_adapter_id"
+            ) from None
+        if parent.base_model != self._base_model:
+            raise FailedPrecondition(
+                f"parent_adapter_id: {parent_id!r} was trained on {parent.base_model}, "
+                f"not {self._base_model}",
+                field="parent_adapter_id",
+            )
+        return LoraSpec(
+            r=parent.r,
+            alpha=parent.alpha,
+            dropout=parent.dropout,
+            target_modules=parent.target_modules,
+        )
+
+    def _split_validation(
+        self,
+        request: TrainRequest,
+        spec: JobSpec,
+        dataset_format: DatasetFormat,
+        rows: list[Row],
+    ) -> tuple[list[Row], list[Row]]:
+        """Given validation rows, or `eval_fraction` of the rows held out (seeded)."""
+        limits = self._limits
+        if request.validation_rows is not None or request.validation_path is not None:
+            if request.validation_path is not None:
+                path = resolve_dataset_path(
+                    request.validation_path, limits.dataset_roots, field="validation.path"
+                )
+                raw = read_jsonl(
+                    path,
+                    max_bytes=limits.max_dataset_bytes,
+                    max_rows=limits.max_dataset_rows,
+                    field="validation.path",
+                )
+                prefix = "validation.path"
+            else:
+                assert request.validation_rows is not None
+                raw, prefix = list(request.validation_rows), "validation.inline.rows"
+            form, validation = validate_rows(
+                raw, field_prefix=prefix, max_rows=limits.max_dataset_rows
+            )
+            if form is not dataset_format:
+                raise InvalidArgument(
+                    f"{prefix}: {form.value} rows, but the training rows are "
+                    f"{dataset_format.value} rows",
+                    field=prefix,
+                )
+            return rows, validation
+        fraction = spec.training.eval_fraction
+        if fraction <= 0:
+            return rows, []
+        held = max(1, round(len(rows) * fraction))
+        if held >= len(rows):
+            raise InvalidArgument(
+                f"training.eval_fraction: {fraction} of {len(rows)} rows leaves none to train on",
+                field="training.eval_fraction",
+            )
+        order = list(range(len(rows)))
+        random.Random(spec.training.seed).shuffle(order)
+        held_out = set(order[:held])
+        return (
+            [r for i, r in enumerate(rows) if i not in held_out],
+            [r for i, r in enumerate(rows) if i in held_out],
+        )

@@ -13,6 +13,7 @@ from typing import Any
 from tuneserve.errors import InvalidArgument, collect
 
 ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 def check_adapter_id(adapter_id: str, *, field_name: str = "adapter_id") -> str:
@@ -50,6 +51,8 @@ class LoraSpec:
     dropout: float = 0.05
     # Empty means every linear layer but the output head (peft's "all-linear").
     target_modules: tuple[str, ...] = ()
+    use_rslora: bool = False  # scale by alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA
 
     def resolved(self) -> LoraSpec:
         return dataclasses.replace(self, alpha=self.alpha or 2.0 * self.r)
@@ -64,6 +67,15 @@ class TrainingSpec:
     max_seq_length: int = 512
     seed: int = 0
     warmup_steps: int | None = None  # None: 5% of the steps
+    scheduler: str = "linear"  # after warmup: linear, cosine or constant
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    eval_fraction: float = 0.0  # held out when no validation rows are given
+    eval_every_steps: int = 0  # 0: at the end of each epoch
+    checkpoint_every_steps: int = 0  # 0: about every 10% of the run
+    gradient_checkpointing: bool = False
+    loss_on: str = "completion"  # "completion" (response only) or "all"
+    group_by_length: bool = True  # batch rows of similar length: far less padding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +89,8 @@ class JobSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     request_id: str = ""
+    parent_adapter_id: str = ""  # continue training this adapter
+    validation_rows: int = 0
 
     def validate(self) -> JobSpec:
         """Report every problem at once; return the spec with defaults resolved."""
@@ -119,6 +133,34 @@ class JobSpec:
             "must not be negative",
         )
         check(len(self.request_id) <= 128, "request_id", "is longer than 128 characters")
+        check(
+            tr.scheduler in SCHEDULERS,
+            "training.scheduler",
+            f"{tr.scheduler!r} is not one of {', '.join(SCHEDULERS)}",
+        )
+        check(0 <= tr.weight_decay < 1, "training.weight_decay", "is not in [0, 1)")
+        check(
+            1 <= tr.gradient_accumulation_steps <= 1024,
+            "training.gradient_accumulation_steps",
+            "is not between 1 and 1024",
+        )
+        check(0 <= tr.eval_fraction < 1, "training.eval_fraction", "is not in [0, 1)")
+        check(tr.eval_every_steps >= 0, "training.eval_every_steps", "must not be negative")
+        check(
+            tr.checkpoint_every_steps >= 0,
+            "training.checkpoint_every_steps",
+            "must not be negative",
+        )
+        check(
+            tr.loss_on in ("completion", "all"),
+            "training.loss_on",
+            f"{tr.loss_on!r} is not completion or all",
+        )
+        if self.parent_adapter_id:
+            try:
+                check_adapter_id(self.parent_adapter_id, field_name="parent_adapter_id")
+            except InvalidArgument as e:
+                problems.append(e)
         collect(problems)
         return dataclasses.replace(self, lora=lora.resolved())
 
@@ -135,6 +177,8 @@ class JobSpec:
             lora=LoraSpec(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])}),
             training=TrainingSpec(**d["training"]),
             request_id=d.get("request_id", ""),
+            parent_adapter_id=d.get("parent_adapter_id", ""),
+            validation_rows=d.get("validation_rows", 0),
         )
 
 
@@ -148,6 +192,9 @@ class Progress:
     tokens_per_second: float = 0.0
     eta_seconds: float = 0.0
     trained_tokens: int = 0  # non-pad tokens through the model, prompts included
+    eval_loss: float = 0.0  # at the last evaluation
+    eval_step: int = 0  # the step of the last evaluation (0: none yet)
+    resumed_from_step: int = 0  # the checkpoint this run started from
 
     @property
     def fraction_done(self) -> float:
@@ -173,5 +220,7 @@ class Job:
     finished_at: float | None = None
     error: JobFailure | None = None
     attempts: int = 0
+    # Greedy generations on held-out prompts: dicts of prompt, reference, generated.
+    samples: list[dict[str, str]] = field(default_factory=list)
     # Filled in when read, not stored: jobs ahead of this one in the queue.
     queue_position: int = 0

@@ -14,6 +14,15 @@ from typing import Protocol
 
 from tuneserve.jobs.model import Job, JobFailure, JobSpec, JobState, Progress
 
+
+@dataclasses.dataclass(frozen=True)
+class LossPoint:
+    step: int
+    epoch: float
+    loss: float
+    eval_loss: float | None = None
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id          TEXT PRIMARY KEY,
@@ -26,7 +35,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at  REAL,
     finished_at REAL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    request_id  TEXT
+    request_id  TEXT,
+    samples     TEXT
+);
+CREATE TABLE IF NOT EXISTS loss_curve (
+    job_id    TEXT NOT NULL,
+    step      INTEGER NOT NULL,
+    epoch     REAL NOT NULL,
+    loss      REAL NOT NULL,
+    eval_loss REAL,
+    PRIMARY KEY (job_id, step)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
@@ -50,6 +68,12 @@ class JobStore(Protocol):
         """Jobs in any of the states, oldest first."""
         ...
 
+    def add_loss_points(self, job_id: str, points: builtins.list[LossPoint]) -> None:
+        """Append points; a point for a step already stored replaces it (a resumed run)."""
+        ...
+
+    def loss_curve(self, job_id: str) -> builtins.list[LossPoint]: ...
+
     def close(self) -> None: ...
 
 
@@ -69,7 +93,8 @@ class SQLiteJobStore:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
                 "INSERT INTO jobs (id, seq, state, spec, progress, error, created_at, started_at,"
-                " finished_at, attempts, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " finished_at, attempts, samples, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, seq, *self._columns(job), job.spec.request_id),
             )
 
@@ -77,7 +102,7 @@ class SQLiteJobStore:
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET state=?, spec=?, progress=?, error=?, created_at=?, started_at=?,"
-                " finished_at=?, attempts=? WHERE id=?",
+                " finished_at=?, attempts=?, samples=? WHERE id=?",
                 (*self._columns(job), job.id),
             )
 
@@ -101,6 +126,22 @@ class SQLiteJobStore:
             tuple(s.value for s in states),
         )
 
+    def add_loss_points(self, job_id: str, points: builtins.list[LossPoint]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO loss_curve (job_id, step, epoch, loss, eval_loss)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(job_id, p.step, p.epoch, p.loss, p.eval_loss) for p in points],
+            )
+
+    def loss_curve(self, job_id: str) -> builtins.list[LossPoint]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, epoch, loss, eval_loss FROM loss_curve WHERE job_id=? ORDER BY step",
+                (job_id,),
+            ).fetchall()
+        return [LossPoint(*r) for r in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -116,6 +157,7 @@ class SQLiteJobStore:
             job.started_at,
             job.finished_at,
             job.attempts,
+            json.dumps(job.samples),
         )
 
     def _one(self, sql: str, args: tuple[object, ...]) -> Job | None:
@@ -144,4 +186,5 @@ class SQLiteJobStore:
             finished_at=r["finished_at"],  # type: ignore[arg-type]
             error=JobFailure(**error) if error else None,
             attempts=int(r["attempts"]),  # type: ignore[call-overload]
+            samples=json.loads(str(r["samples"])) if r.get("samples") else [],
         )

@@ -35,6 +35,9 @@ class LoraTrainer:
         output_dir: Path,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
+        validation_rows: Sequence[Row] = (),
+        parent_adapter_dir: Path | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> TrainResult:
         tokenizer = load_tokenizer(self.base_model)
         model = load_model(self.base_model, device=self.device, dtype=self.dtype)
@@ -47,6 +50,9 @@ class LoraTrainer:
                 output_dir=output_dir,
                 on_progress=on_progress,
                 should_stop=should_stop,
+                validation_rows=validation_rows,
+                parent_adapter_dir=parent_adapter_dir,
+                checkpoint_dir=checkpoint_dir,
             )
         finally:
             del model
