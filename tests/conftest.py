@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerThread, vader_rows
+from tests.support import ServerProcess, ServerThread, vader_rows
 from tuneserve.logs import quiet_libraries
 
 quiet_libraries()
@@ -43,3 +43,13 @@ def server_factory() -> Iterator[Callable[..., ServerThread]]:
     for server in started:
         if server.thread.is_alive():
             server.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

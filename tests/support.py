@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+
+from tuneserve.client import TuneserveClient
+from tuneserve.v1 import tuneserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 VADER = ROOT / "examples" / "vader.jsonl"
@@ -52,3 +59,55 @@ def make_config(base_model: Path, data_dir: Path, **overrides: object) -> object
         grace_period_s=2.0,
         **overrides,  # type: ignore[arg-type]
     ).validate()
+
+
+BIN = Path(sys.executable).parent / "tuneserve"
+
+
+class ServerProcess:
+    def __init__(self, model: Path, data: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(BIN),
+                "serve",
+                "--base-model",
+                str(model),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data),
+                "--grace-period-s",
+                "10",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._port = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self._port.wait(120), "server did not report its port:\n" + "".join(self.lines)
+        self.client = TuneserveClient(self.target)
+        self.client.wait_ready(timeout=120)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r"listening on port (\d+)", line):
+                self.target = f"127.0.0.1:{m.group(1)}"
+                self._port.set()
+
+    def stop(self, sig: int) -> int:
+        self.client.close()
+        self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+
+def wait_running(client: TuneserveClient, job_id: str) -> pb.Job:
+    deadline = time.monotonic() + 60
+    while (job := client.get_status(job_id)).progress.step < 1:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job

@@ -4,83 +4,19 @@ SIGTERM (drains and exits 0) or killed with SIGKILL (no job is left RUNNING fore
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support import vader_rows
+from tests.support import BIN, ServerProcess, vader_rows, wait_running
 from tuneserve.client import ClientError, TuneserveClient
 from tuneserve.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent / "tuneserve"
-
-
-class ServerProcess:
-    def __init__(self, model: Path, data: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                str(BIN),
-                "serve",
-                "--base-model",
-                str(model),
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data),
-                "--grace-period-s",
-                "10",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self._port.wait(120), "server did not report its port:\n" + "".join(self.lines)
-        self.client = TuneserveClient(self.target)
-        self.client.wait_ready(timeout=120)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r"listening on port (\d+)", line):
-                self.target = f"127.0.0.1:{m.group(1)}"
-                self._port.set()
-
-    def stop(self, sig: int) -> int:
-        self.client.close()
-        self.proc.send_signal(sig)
-        return self.proc.wait(60)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
-
-
-def _wait_running(client: TuneserveClient, job_id: str) -> pb.Job:
-    deadline = time.monotonic() + 60
-    while (job := client.get_status(job_id)).progress.step < 1:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
 
 
 def test_sigterm_drains_in_flight_calls_exits_0_and_requeues_the_job(
@@ -94,7 +30,7 @@ def test_sigterm_drains_in_flight_calls_exits_0_and_requeues_the_job(
         adapter_id="long",
         training=pb.TrainingConfig(max_steps=100_000, batch_size=2),
     )
-    _wait_running(client, job.id)
+    wait_running(client, job.id)
 
     stream = TuneserveClient(server.target)
     chunks = stream.generate_stream("hi", greedy=True, max_new_tokens=480)
@@ -112,7 +48,7 @@ def test_sigterm_drains_in_flight_calls_exits_0_and_requeues_the_job(
 
     again = ServerProcess(tiny_gpt2, tmp_path)
     processes.append(again)
-    resumed = _wait_running(again.client, job.id)
+    resumed = wait_running(again.client, job.id)
     assert resumed.state == pb.JOB_STATE_RUNNING
     again.client.cancel(job.id)
     assert again.client.wait(job.id, timeout=30).state == pb.JOB_STATE_CANCELLED
@@ -129,13 +65,13 @@ def test_job_running_when_the_process_dies_is_never_left_running(
         adapter_id="doomed",
         training=pb.TrainingConfig(max_steps=100_000, batch_size=2),
     )
-    _wait_running(server.client, job.id)
+    wait_running(server.client, job.id)
     server.stop(signal.SIGKILL)
 
     # First restart: the interrupted job runs again (attempt 2).
     second = ServerProcess(tiny_gpt2, tmp_path, "--max-job-attempts", "2")
     processes.append(second)
-    assert _wait_running(second.client, job.id).state == pb.JOB_STATE_RUNNING
+    assert wait_running(second.client, job.id).state == pb.JOB_STATE_RUNNING
     second.stop(signal.SIGKILL)
 
     # Second restart: out of attempts, it fails with a clear reason instead of crash-looping.

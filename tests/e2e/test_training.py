@@ -1,0 +1,177 @@
+"""End to end: the seed articles' workflows as jobs, evaluation, continuing an adapter,
+and resuming after the process is killed."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support import ServerProcess, make_config, vader_rows, wait_running
+from tuneserve.client import ClientError, TuneserveClient
+from tuneserve.v1 import tuneserve_pb2 as pb
+
+pytestmark = pytest.mark.e2e
+
+
+def test_article_1_text_rows_with_validation_split_and_loss_curve(
+    tiny_gpt2: Path, tmp_path: Path, server_factory
+) -> None:
+    """Article 1: "Question: ... Answer: ..." text rows, loss on every token."""
+    server = server_factory(make_config(tiny_gpt2, tmp_path))
+    rows = [{"text": r["prompt"] + r["response"]} for r in vader_rows()]
+    with TuneserveClient(server.target) as client:
+        job = client.train(
+            rows=rows,
+            adapter_id="article-1",
+            lora=pb.LoraConfig(r=16),
+            training=pb.TrainingConfig(
+                epochs=10,
+                learning_rate=0.01,
+                batch_size=4,
+                eval_fraction=0.25,
+                scheduler="cosine",
+                weight_decay=0.01,
+            ),
+        )
+        job = client.wait(job.id, timeout=300)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert (job.dataset_rows, job.validation_rows) == (12, 4)
+        assert job.progress.eval_loss > 0
+        curve = client.loss_curve(job.id)
+        assert [p.step for p in curve] == list(range(1, job.progress.total_steps + 1))
+        evaluated = [p for p in curve if p.HasField("eval_loss")]
+        assert [p.step for p in evaluated] == [3 * e for e in range(1, 11)]  # every epoch
+        assert evaluated[-1].eval_loss < evaluated[0].eval_loss
+        assert curve[-1].loss < curve[0].loss
+        assert client.get_adapter("article-1").eval_loss == pytest.approx(job.progress.eval_loss)
+
+
+def test_article_4_loss_on_all_vs_completion_then_15_more_epochs(
+    tiny_llama: Path, tmp_path: Path, server_factory
+) -> None:
+    """Article 4: loss on all tokens vs the assistant part only, then "train 15 more epochs"
+    from the adapter, checked on a held-out prompt."""
+    server = server_factory(make_config(tiny_llama, tmp_path))
+    rows = vader_rows()
+    train, held_out = rows[:12], rows[12:]
+    settings = {"epochs": 5, "learning_rate": 0.01, "batch_size": 4}
+    with TuneserveClient(server.target) as client:
+        jobs = {}
+        for loss_on in ("all", "completion"):
+            job = client.train(
+                rows=train,
+                validation_rows=held_out,
+                adapter_id=f"sft-{loss_on}",
+                training=pb.TrainingConfig(loss_on=loss_on, **settings),
+            )
+            jobs[loss_on] = client.wait(job.id, timeout=300)
+            assert jobs[loss_on].state == pb.JOB_STATE_SUCCEEDED, jobs[loss_on].error
+        # The same tokens go through the model; only the loss mask differs.
+        assert (
+            client.get_adapter("sft-all").trained_tokens
+            == client.get_adapter("sft-completion").trained_tokens
+        )
+        assert jobs["completion"].training.loss_on == "completion"
+
+        more = client.train(
+            rows=train,
+            validation_rows=held_out,
+            adapter_id="sft-more",
+            parent_adapter_id="sft-completion",
+            training=pb.TrainingConfig(**{**settings, "epochs": 15}),
+        )
+        more = client.wait(more.id, timeout=300)
+        assert more.state == pb.JOB_STATE_SUCCEEDED, more.error
+        assert more.parent_adapter_id == "sft-completion"
+        adapter = client.get_adapter("sft-more")
+        assert adapter.parent_adapter_id == "sft-completion"
+        assert adapter.lora.r == client.get_adapter("sft-completion").lora.r
+        parent_curve = client.loss_curve(jobs["completion"].id)
+        fresh, parent_last = parent_curve[0].loss, parent_curve[-1].loss
+        first = client.loss_curve(more.id)[0].loss
+        # It starts where the parent ended, not from scratch.
+        assert abs(first - parent_last) < abs(first - fresh)
+        assert len(more.samples) == 3
+        sample = more.samples[0]
+        assert (
+            sample.prompt == held_out[0]["prompt"] and sample.reference == held_out[0]["response"]
+        )
+        assert sample.generated  # what the adapter says to a prompt it never saw
+
+        with pytest.raises(ClientError) as e:
+            client.train(rows=train, adapter_id="orphan", parent_adapter_id="no-such")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        assert e.value.field == "parent_adapter_id"
+
+
+def test_rslora_dora_and_gradient_accumulation(
+    tiny_gpt2: Path, tmp_path: Path, server_factory
+) -> None:
+    server = server_factory(make_config(tiny_gpt2, tmp_path))
+    with TuneserveClient(server.target) as client:
+        job = client.train(
+            rows=vader_rows(),
+            adapter_id="variants",
+            lora=pb.LoraConfig(r=4, use_rslora=True, use_dora=True, target_modules=["c_attn"]),
+            training=pb.TrainingConfig(
+                epochs=2, batch_size=3, gradient_accumulation_steps=2, gradient_checkpointing=True
+            ),
+        )
+        job = client.wait(job.id, timeout=300)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        # 16 rows / 3 per micro-batch = 6 micro-batches, 2 per step: 3 steps an epoch.
+        assert job.progress.total_steps == 6
+        assert job.lora.use_rslora and job.lora.use_dora
+        modules = client.get_adapter("variants").lora.target_modules
+        assert modules and all(m.endswith("c_attn") for m in modules)
+        with pytest.raises(ClientError) as e:
+            client.train(
+                rows=vader_rows(),
+                training=pb.TrainingConfig(
+                    scheduler="sawtooth",
+                    loss_on="some",
+                    gradient_accumulation_steps=5000,
+                ),
+            )
+        fields = {f for f, _ in e.value.violations}
+        assert fields == {
+            "training.scheduler",
+            "training.loss_on",
+            "training.gradient_accumulation_steps",
+        }
+
+
+def test_killed_mid_training_resumes_from_checkpoint_and_finishes_the_plan(
+    tiny_gpt2: Path, tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    server = ServerProcess(tiny_gpt2, tmp_path)
+    processes.append(server)
+    planned = 400
+    job = server.client.train(
+        rows=vader_rows(),
+        adapter_id="resumed",
+        training=pb.TrainingConfig(max_steps=planned, batch_size=2, checkpoint_every_steps=20),
+    )
+    checkpoints = tmp_path / "checkpoints" / job.id
+    while (
+        not any(checkpoints.glob("step-*")) or server.client.get_status(job.id).progress.step < 60
+    ):
+        wait_running(server.client, job.id)
+    server.stop(signal.SIGKILL)
+    saved = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    assert saved >= 20
+
+    again = ServerProcess(tiny_gpt2, tmp_path)
+    processes.append(again)
+    done = again.client.wait(job.id, poll_s=0.1, timeout=300)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.progress.resumed_from_step == saved
+    assert done.progress.step == done.progress.total_steps == planned
+    assert again.client.get_adapter("resumed").steps == planned
+    curve = again.client.loss_curve(job.id)
+    assert [p.step for p in curve] == list(range(1, planned + 1))
+    assert not checkpoints.exists()  # cleaned up once the job finished
+    assert again.stop(signal.SIGTERM) == 0
