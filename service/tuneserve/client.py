@@ -115,6 +115,8 @@ class TuneserveClient:
         validation_rows: Iterable[Mapping[str, str]] | None = None,
         validation_path: str | None = None,
         parent_adapter_id: str = "",
+        task: pb.TaskType = pb.TASK_TYPE_CAUSAL_LM,
+        labels: Iterable[str] = (),
     ) -> pb.Job:
         """Rows are dicts of `text`, or of `prompt` and `response`; paths are on the server."""
         request = pb.TrainJobRequest(
@@ -124,6 +126,8 @@ class TuneserveClient:
             training=training,
             request_id=request_id,
             parent_adapter_id=parent_adapter_id,
+            task=task,
+            labels=list(labels),
         )
         if validation_rows is not None or validation_path is not None:
             request.validation.CopyFrom(_dataset(validation_rows, validation_path))
@@ -186,7 +190,11 @@ class TuneserveClient:
     def delete_adapter(self, adapter_id: str) -> None:
         self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id))
 
-    # --- generation
+    # --- generation and classification
+
+    def classify(self, adapter_id: str, texts: Iterable[str]) -> list[pb.Classification]:
+        request = pb.ClassifyRequest(adapter_id=adapter_id, texts=list(texts))
+        return list(self._call(self._stub.Classify, request, timeout=None).classifications)
 
     def generate(
         self, prompt: str, *, adapter_id: str = "", **parameters: Any

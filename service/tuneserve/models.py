@@ -7,7 +7,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,28 @@ def load_model(base_model: str, *, device: torch.device, dtype: torch.dtype) -> 
     log.info("loading %s on %s as %s", base_model, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     return model.to(device)  # type: ignore[arg-type]  # transformers types .to narrowly
+
+
+def load_classifier(
+    base_model: str,
+    *,
+    labels: tuple[str, ...],
+    pad_token_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PreTrainedModel:
+    """The base model with a fresh classification head of len(labels) outputs."""
+    log.info("loading %s as a %d-way classifier on %s", base_model, len(labels), device)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model,
+        dtype=dtype,
+        trust_remote_code=False,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=pad_token_id,  # decoder-only classifiers find the last real token by it
+    )
+    return model.to(device)
 
 
 def max_positions(model: PreTrainedModel) -> int:

@@ -39,6 +39,8 @@ class AdapterInfo:
     size_bytes: int = 0
     parent_adapter_id: str = ""
     eval_loss: float | None = None
+    task: str = "causal_lm"
+    labels: tuple[str, ...] = ()
 
 
 class AdapterRegistry:
@@ -104,7 +106,9 @@ class AdapterRegistry:
 
 
 def _load_info(d: dict[str, Any]) -> AdapterInfo:
-    return AdapterInfo(**{**d, "target_modules": tuple(d["target_modules"])})
+    return AdapterInfo(
+        **{**d, "target_modules": tuple(d["target_modules"]), "labels": tuple(d.get("labels", ()))}
+    )
 
 
 def _fsync_dir_files(directory: Path) -> None:

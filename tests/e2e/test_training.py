@@ -175,3 +175,65 @@ def test_killed_mid_training_resumes_from_checkpoint_and_finishes_the_plan(
     assert [p.step for p in curve] == list(range(1, planned + 1))
     assert not checkpoints.exists()  # cleaned up once the job finished
     assert again.stop(signal.SIGTERM) == 0
+
+
+def _sentiment_rows() -> list[dict[str, str]]:
+    subjects = ["the film", "this book", "our trip", "the meal", "that song", "the game"]
+    good = ["was wonderful", "felt great", "was a joy", "made me happy"]
+    bad = ["was awful", "felt terrible", "was a mess", "made me sad"]
+    rows = []
+    for i, subject in enumerate(subjects):
+        for j in range(4):
+            rows.append({"text": f"{subject} {good[(i + j) % 4]}", "label": "positive"})
+            rows.append({"text": f"{subject} {bad[(i + j) % 4]}", "label": "negative"})
+    return rows
+
+
+def test_article_3_sequence_classification_with_accuracy_and_mcc(
+    tiny_gpt2: Path, tmp_path: Path, server_factory
+) -> None:
+    """Article 3: GPT-2 as a sequence classifier, scored by Matthews correlation."""
+    server = server_factory(make_config(tiny_gpt2, tmp_path))
+    rows = _sentiment_rows()
+    with TuneserveClient(server.target) as client:
+        job = client.train(
+            rows=rows,
+            adapter_id="sentiment",
+            task=pb.TASK_TYPE_SEQUENCE_CLASSIFICATION,
+            lora=pb.LoraConfig(r=8),
+            training=pb.TrainingConfig(
+                epochs=15, learning_rate=0.01, batch_size=8, eval_fraction=0.25
+            ),
+        )
+        job = client.wait(job.id, timeout=300)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert list(job.labels) == ["negative", "positive"]  # sorted, the head's order
+        # A random tiny model generalises little, but clearly better than chance (0.5, MCC 0).
+        assert job.progress.eval_accuracy >= 0.66
+        assert job.progress.eval_matthews_correlation >= 0.3
+        adapter = client.get_adapter("sentiment")
+        assert adapter.task == pb.TASK_TYPE_SEQUENCE_CLASSIFICATION
+        assert list(adapter.labels) == ["negative", "positive"]
+
+        results = client.classify("sentiment", [r["text"] for r in rows])
+        right = sum(r.label == row["label"] for r, row in zip(results, rows, strict=True))
+        assert right / len(rows) >= 0.9  # the 36 training rows and most held-out ones
+        for r in results:
+            assert {s.label for s in r.scores} == {"negative", "positive"}
+            assert sum(s.score for s in r.scores) == pytest.approx(1.0, abs=1e-4)
+            assert r.scores[0].label == r.label
+
+        with pytest.raises(ClientError) as e:
+            client.generate("the film", adapter_id="sentiment")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(ClientError) as e:
+            client.train(
+                rows=rows,
+                task=pb.TASK_TYPE_SEQUENCE_CLASSIFICATION,
+                validation_rows=[{"text": "so so", "label": "neutral"}],
+            )
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.row == 0 and "neutral" in e.value.message
+        with pytest.raises(ClientError) as e:
+            client.train(rows=rows)  # labelled rows, but a causal LM job
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.field == "task"

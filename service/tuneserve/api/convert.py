@@ -12,7 +12,7 @@ from tuneserve.inference.params import (
     SamplingParams,
 )
 from tuneserve.jobs.manager import TrainRequest
-from tuneserve.jobs.model import Job, JobState, LoraSpec, TrainingSpec
+from tuneserve.jobs.model import Job, JobState, LoraSpec, Task, TrainingSpec
 from tuneserve.jobs.store import LossPoint
 from tuneserve.registry import AdapterInfo
 from tuneserve.v1 import tuneserve_pb2 as pb
@@ -25,6 +25,11 @@ _STATES = {
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 _STATES_BACK = {v: k for k, v in _STATES.items()}
+_TASKS = {
+    Task.CAUSAL_LM: pb.TASK_TYPE_CAUSAL_LM,
+    Task.CLASSIFICATION: pb.TASK_TYPE_SEQUENCE_CLASSIFICATION,
+}
+_TASKS_BACK = {v: k for k, v in _TASKS.items()}
 _FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -37,7 +42,7 @@ def _dataset(dataset: pb.Dataset) -> tuple[list[dict[str, str]] | None, str | No
     source = dataset.WhichOneof("source")
     if source == "inline":
         rows = [
-            {"text": r.text, "prompt": r.prompt, "response": r.response}
+            {"text": r.text, "prompt": r.prompt, "response": r.response, "label": r.label}
             for r in dataset.inline.rows
         ]
         return rows, None
@@ -57,6 +62,8 @@ def train_request(req: pb.TrainJobRequest) -> TrainRequest:
         validation_rows=validation_rows,
         validation_path=validation_path,
         parent_adapter_id=req.parent_adapter_id,
+        task=_TASKS_BACK.get(req.task, Task.CAUSAL_LM),
+        labels=tuple(req.labels),
         adapter_id=req.adapter_id,
         lora=LoraSpec(
             r=lora.r or defaults_lora.r,
@@ -104,6 +111,8 @@ def job(j: Job) -> pb.Job:
             fraction_done=p.fraction_done,
             eval_loss=p.eval_loss,
             resumed_from_step=p.resumed_from_step,
+            eval_accuracy=p.eval_accuracy,
+            eval_matthews_correlation=p.eval_matthews_correlation,
         ),
         create_time=_timestamp(j.created_at),
         adapter_id=s.adapter_id,
@@ -112,6 +121,8 @@ def job(j: Job) -> pb.Job:
         validation_rows=s.validation_rows,
         parent_adapter_id=s.parent_adapter_id,
         samples=[pb.Sample(**sample) for sample in j.samples],
+        task=_TASKS[s.task],
+        labels=list(s.labels),
         request_id=s.request_id,
         lora=pb.LoraConfig(
             r=s.lora.r,
@@ -178,6 +189,8 @@ def adapter(a: AdapterInfo) -> pb.Adapter:
         size_bytes=a.size_bytes,
         parent_adapter_id=a.parent_adapter_id,
         eval_loss=a.eval_loss or 0.0,
+        task=_TASKS[Task(a.task)],
+        labels=list(a.labels),
     )
 
 
@@ -229,3 +242,15 @@ def _timestamp(t: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(t * 1e9))
     return ts
+
+
+def classifications(results: list[list[tuple[str, float]]]) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        classifications=[
+            pb.Classification(
+                label=scores[0][0],
+                scores=[pb.LabelScore(label=label, score=score) for label, score in scores],
+            )
+            for scores in results
+        ]
+    )

@@ -38,6 +38,8 @@ class Generator(Protocol):
 
     def drop_adapter(self, adapter_id: str) -> None: ...
 
+    def classify(self, adapter_id: str, texts: list[str]) -> list[list[tuple[str, float]]]: ...
+
 
 class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
     def __init__(self, *, jobs: JobManager, registry: AdapterRegistry, engine: Generator) -> None:
@@ -127,6 +129,14 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
             generated_tokens=last.generated_tokens,
             seed=last.seed,
         )
+
+    @unary
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        self._require_ready()
+        results = await asyncio.to_thread(
+            self._engine.classify, request.adapter_id, list(request.texts)
+        )
+        return convert.classifications(results)
 
     @streaming
     async def GenerateStream(

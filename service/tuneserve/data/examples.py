@@ -70,3 +70,26 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def encode_labelled(
+    rows: Sequence[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    labels: Sequence[str],
+    max_seq_length: int,
+) -> list[Example]:
+    """Classification rows: the text's tokens, and its label's index as the one label."""
+    index = {label: i for i, label in enumerate(labels)}
+    encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True)["input_ids"]
+    return [
+        Example(list(ids)[:max_seq_length], [index[r["label"]]])
+        for ids, r in zip(encoded, rows, strict=True)
+    ]
+
+
+def collate_labelled(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Like `collate`, with one class index per row as the labels."""
+    batch = collate([Example(e.input_ids, e.input_ids) for e in examples], pad_token_id)
+    batch["labels"] = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+    return batch

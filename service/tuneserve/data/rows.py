@@ -102,16 +102,24 @@ def validate_rows(
                 field=where,
                 row=index,
             )
-        keys = ("text",) if row_form is DatasetFormat.TEXT else ("prompt", "response")
-        clean.append({k: row[k] for k in keys})
+        keys = _KEYS[row_form]
+        clean.append({k: str(row[k]) for k in keys})
     assert form is not None
     return form, clean
 
 
+_KEYS = {
+    DatasetFormat.TEXT: ("text",),
+    DatasetFormat.PROMPT_RESPONSE: ("prompt", "response"),
+    DatasetFormat.LABELLED: ("text", "label"),
+}
+
+
 def _row_form(row: Mapping[str, Any], where: str, index: int) -> DatasetFormat:
-    present = {k for k in ("text", "prompt", "response") if row.get(k) not in (None, "")}
+    present = {k for k in ("text", "prompt", "response", "label") if row.get(k) not in (None, "")}
     for key in present:
-        if not isinstance(row[key], str):
+        label_number = key == "label" and type(row[key]) is int  # CoLA-style 0/1 labels
+        if not isinstance(row[key], str) and not label_number:
             raise InvalidArgument(
                 f"{where}.{key}: must be a string, not {type(row[key]).__name__}",
                 field=f"{where}.{key}",
@@ -119,6 +127,14 @@ def _row_form(row: Mapping[str, Any], where: str, index: int) -> DatasetFormat:
             )
     if present == {"text"}:
         return DatasetFormat.TEXT
+    if present == {"text", "label"}:
+        return DatasetFormat.LABELLED
+    if "label" in present:
+        raise InvalidArgument(
+            f"{where}.text: a labelled row needs a non-empty text (and no prompt/response)",
+            field=f"{where}.text",
+            row=index,
+        )
     if present == {"prompt", "response"}:
         return DatasetFormat.PROMPT_RESPONSE
     if "text" in present:

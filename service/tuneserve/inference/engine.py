@@ -29,6 +29,7 @@ from transformers.generation.logits_process import (
 
 from tuneserve.config import ServerConfig
 from tuneserve.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.detokenize import IncrementalDecoder
 from tuneserve.inference.params import (
     FinishReason,
@@ -37,7 +38,7 @@ from tuneserve.inference.params import (
     SamplingParams,
     resolve_params,
 )
-from tuneserve.jobs.model import check_adapter_id
+from tuneserve.jobs.model import Task, check_adapter_id
 from tuneserve.models import (
     load_model,
     load_tokenizer,
@@ -61,6 +62,13 @@ class Engine:
         self._model: PreTrainedModel | PeftModel | None = None
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self._classifier = Classifier(
+            base_model=config.base_model,
+            registry=registry,
+            device=self.device,
+            dtype=self.dtype,
+            max_tokens=config.max_prompt_tokens,
+        )
         self.tokenizer: Tokenizer | None = None
         self._max_positions = 0
 
@@ -102,8 +110,15 @@ class Engine:
         with self._lock, self._activated(request.adapter_id):
             yield from self._decode(prompt_ids, params, is_cancelled)
 
+    def classify(self, adapter_id: str, texts: list[str]) -> list[list[tuple[str, float]]]:
+        """Label scores for each text with a classification adapter."""
+        if self.tokenizer is None:
+            raise Unavailable("the model is still loading")
+        return self._classifier.classify(adapter_id, texts, self.tokenizer)
+
     def drop_adapter(self, adapter_id: str) -> None:
         """Forget a loaded adapter (deleted, or replaced on disk)."""
+        self._classifier.drop(adapter_id)
         with self._lock:
             if adapter_id in self._loaded and isinstance(self._model, PeftModel):
                 if len(self._loaded) == 1:
@@ -155,6 +170,10 @@ class Engine:
 
     def _load_adapter(self, adapter_id: str) -> None:
         info = self._registry.get(adapter_id)
+        if info.task != Task.CAUSAL_LM.value:
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} is a classifier; use Classify", field="adapter_id"
+            )
         if info.base_model != self._config.base_model:
             raise FailedPrecondition(
                 f"adapter {adapter_id!r} was trained on {info.base_model}, "

@@ -44,6 +44,7 @@ from tuneserve.jobs.model import (
     JobState,
     LoraSpec,
     Progress,
+    Task,
     TrainingSpec,
 )
 from tuneserve.jobs.store import JobStore, LossPoint
@@ -69,6 +70,8 @@ class TrainRequest:
     validation_rows: Sequence[dict[str, Any]] | None = None
     validation_path: str | None = None
     parent_adapter_id: str = ""
+    task: Task = Task.CAUSAL_LM
+    labels: tuple[str, ...] = ()  # classification: default, the sorted distinct row labels
 
 
 class Trainer(Protocol):
@@ -184,17 +187,29 @@ class JobManager:
             training=request.training,
             request_id=request.request_id,
             parent_adapter_id=request.parent_adapter_id,
+            task=request.task,
         ).validate()  # settings first: cheap, and reported before reading a large file
-        if spec.parent_adapter_id:
-            spec = dataclasses.replace(spec, lora=self._parent_lora(spec.parent_adapter_id))
+        parent = self._parent(spec) if spec.parent_adapter_id else None
         dataset_format, rows = self._load_rows(request)
         rows, validation = self._split_validation(request, spec, dataset_format, rows)
+        labels = self._labels(request, dataset_format, rows, validation, parent)
         spec = dataclasses.replace(
             spec,
             dataset_format=dataset_format,
             dataset_rows=len(rows),
             validation_rows=len(validation),
+            labels=labels,
         )
+        if parent is not None:
+            spec = dataclasses.replace(
+                spec,
+                lora=LoraSpec(
+                    r=parent.r,
+                    alpha=parent.alpha,
+                    dropout=parent.dropout,
+                    target_modules=parent.target_modules,
+                ),
+            )
         job = Job(id=job_id, spec=spec)
         with self._cond:
             if first := self._by_request_id(request.request_id):
@@ -330,6 +345,8 @@ class JobManager:
                     trained_tokens=result.trained_tokens,
                     parent_adapter_id=parent,
                     eval_loss=result.eval_loss,
+                    task=job.spec.task.value,
+                    labels=job.spec.labels,
                 ),
             )
             job.samples = list(result.samples)
@@ -420,8 +437,10 @@ class JobManager:
     def _checkpoint_dir(self, job_id: str) -> Path | None:
         return self._checkpoints_dir / job_id if self._checkpoints_dir is not None else None
 
-    def _parent_lora(self, parent_id: str) -> LoraSpec:
-        """A continued adapter keeps its parent's shape; the parent must fit this base."""
+    def _parent(self, spec: JobSpec) -> AdapterInfo:
+        """A continued adapter keeps its parent's shape; the parent must fit this base and
+        have been trained for the same task."""
+        parent_id = spec.parent_adapter_id
         try:
             parent = self._registry.get(parent_id)
         except NotFound:
@@ -434,12 +453,54 @@ class JobManager:
                 f"not {self._base_model}",
                 field="parent_adapter_id",
             )
-        return LoraSpec(
-            r=parent.r,
-            alpha=parent.alpha,
-            dropout=parent.dropout,
-            target_modules=parent.target_modules,
-        )
+        if parent.task != spec.task.value:
+            raise FailedPrecondition(
+                f"parent_adapter_id: {parent_id!r} was trained for {parent.task}, "
+                f"not {spec.task.value}",
+                field="parent_adapter_id",
+            )
+        return parent
+
+    def _labels(
+        self,
+        request: TrainRequest,
+        dataset_format: DatasetFormat,
+        rows: list[Row],
+        validation: list[Row],
+        parent: AdapterInfo | None,
+    ) -> tuple[str, ...]:
+        """Classification needs labelled rows and fixes the label order of the head."""
+        labelled = dataset_format is DatasetFormat.LABELLED
+        if request.task is not Task.CLASSIFICATION:
+            if labelled:
+                raise InvalidArgument(
+                    "task: the rows have labels; set the task to sequence classification",
+                    field="task",
+                )
+            return ()
+        if not labelled:
+            raise InvalidArgument(
+                "dataset: sequence classification needs rows of text and label",
+                field="dataset",
+            )
+        if parent is not None:
+            labels = parent.labels
+        else:
+            labels = tuple(request.labels) or tuple(sorted({r["label"] for r in rows}))
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise InvalidArgument(
+                f"labels: need at least two distinct labels, got {list(labels)}", field="labels"
+            )
+        known = set(labels)
+        for split, split_rows in (("dataset", rows), ("validation", validation)):
+            for index, row in enumerate(split_rows):
+                if row["label"] not in known:
+                    raise InvalidArgument(
+                        f"{split} row {index}: label {row['label']!r} is not one of {list(labels)}",
+                        field=f"{split}.rows[{index}].label",
+                        row=index,
+                    )
+        return labels
 
     def _split_validation(
         self,

@@ -42,6 +42,12 @@ class JobState(str, enum.Enum):
 class DatasetFormat(str, enum.Enum):
     TEXT = "text"  # loss on every token
     PROMPT_RESPONSE = "prompt_response"  # loss on the response only
+    LABELLED = "labelled"  # text with a label, for sequence classification
+
+
+class Task(str, enum.Enum):
+    CAUSAL_LM = "causal_lm"
+    CLASSIFICATION = "classification"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +97,8 @@ class JobSpec:
     request_id: str = ""
     parent_adapter_id: str = ""  # continue training this adapter
     validation_rows: int = 0
+    task: Task = Task.CAUSAL_LM
+    labels: tuple[str, ...] = ()  # classification: label names in the head's order
 
     def validate(self) -> JobSpec:
         """Report every problem at once; return the spec with defaults resolved."""
@@ -179,6 +187,8 @@ class JobSpec:
             request_id=d.get("request_id", ""),
             parent_adapter_id=d.get("parent_adapter_id", ""),
             validation_rows=d.get("validation_rows", 0),
+            task=Task(d.get("task", Task.CAUSAL_LM.value)),
+            labels=tuple(d.get("labels", ())),
         )
 
 
@@ -194,6 +204,8 @@ class Progress:
     trained_tokens: int = 0  # non-pad tokens through the model, prompts included
     eval_loss: float = 0.0  # at the last evaluation
     eval_step: int = 0  # the step of the last evaluation (0: none yet)
+    eval_accuracy: float = 0.0  # classification
+    eval_matthews_correlation: float = 0.0  # classification
     resumed_from_step: int = 0  # the checkpoint this run started from
 
     @property

@@ -3,13 +3,15 @@ excluded), and greedy generations on held-out prompts kept with the job."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from tuneserve.data.examples import IGNORE_INDEX, Example, collate
+from tuneserve.data.examples import IGNORE_INDEX, Example, collate, collate_labelled
 from tuneserve.data.rows import Row
 
 
@@ -69,3 +71,51 @@ def sample_generations(
         samples.append({"prompt": row["prompt"], "reference": row["response"], "generated": text})
     model.train(was_training)
     return samples
+
+
+@dataclass(frozen=True)
+class ClassifierScores:
+    loss: float
+    accuracy: float
+    matthews_correlation: float
+
+
+@torch.no_grad()
+def eval_classifier(
+    model: PeftModel, examples: Sequence[Example], *, pad_id: int, batch_size: int
+) -> ClassifierScores:
+    """Mean loss, accuracy and Matthews correlation (article 3's CoLA metric)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    truth: list[int] = []
+    predicted: list[int] = []
+    total = 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = collate_labelled(examples[start : start + batch_size], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits.float()
+        labels = batch["labels"].to(device)
+        total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        truth += labels.tolist()
+        predicted += logits.argmax(dim=-1).tolist()
+    model.train(was_training)
+    n = max(len(truth), 1)
+    accuracy = sum(t == p for t, p in zip(truth, predicted, strict=True)) / n
+    return ClassifierScores(total / n, accuracy, matthews_correlation(truth, predicted))
+
+
+def matthews_correlation(truth: Sequence[int], predicted: Sequence[int]) -> float:
+    """The multi-class Matthews correlation coefficient (Gorodkin's R_K); 0 when undefined."""
+    classes = sorted(set(truth) | set(predicted))
+    s = len(truth)
+    correct = sum(t == p for t, p in zip(truth, predicted, strict=True))
+    t_k = [truth.count(k) for k in classes]
+    p_k = [predicted.count(k) for k in classes]
+    numerator = correct * s - sum(t * p for t, p in zip(t_k, p_k, strict=True))
+    denominator = math.sqrt(s * s - sum(p * p for p in p_k)) * math.sqrt(
+        s * s - sum(t * t for t in t_k)
+    )
+    return numerator / denominator if denominator else 0.0

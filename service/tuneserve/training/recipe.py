@@ -21,14 +21,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, get_scheduler
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from tuneserve.data.examples import Example, collate, encode_rows
+from tuneserve.data.examples import (
+    Example,
+    collate,
+    collate_labelled,
+    encode_labelled,
+    encode_rows,
+)
 from tuneserve.data.rows import Row
 from tuneserve.errors import InvalidArgument
-from tuneserve.jobs.model import JobSpec, Progress
+from tuneserve.jobs.model import JobSpec, Progress, Task
 from tuneserve.models import max_positions
 from tuneserve.training.batching import epoch_batches
 from tuneserve.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from tuneserve.training.evaluation import eval_loss, sample_generations
+from tuneserve.training.evaluation import eval_classifier, eval_loss, sample_generations
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -67,13 +73,21 @@ def train_lora(
 
     # --- Data: tokenise once; batches are padded to their own longest row.
     max_len = min(tr.max_seq_length, max_positions(model))
-    encode = {
-        "dataset_format": spec.dataset_format,
-        "max_seq_length": max_len,
-        "mask_prompt": tr.loss_on == "completion",
-    }
-    examples = encode_rows(rows, tokenizer, **encode)  # type: ignore[arg-type]
-    eval_examples = encode_rows(validation_rows, tokenizer, **encode) if validation_rows else []  # type: ignore[arg-type]
+    classify = spec.task is Task.CLASSIFICATION
+
+    def encode(split: Sequence[Row]) -> list[Example]:
+        if classify:
+            return encode_labelled(split, tokenizer, labels=spec.labels, max_seq_length=max_len)
+        return encode_rows(
+            split,
+            tokenizer,
+            dataset_format=spec.dataset_format,
+            max_seq_length=max_len,
+            mask_prompt=tr.loss_on == "completion",
+        )
+
+    examples, eval_examples = encode(rows), encode(validation_rows)
+    batch_of = collate_labelled if classify else collate
     _check_trainable(examples, spec)
     lengths = [len(e.input_ids) for e in examples]
     micro_per_epoch = math.ceil(len(examples) / tr.batch_size)
@@ -95,7 +109,8 @@ def train_lora(
         peft_model = get_peft_model(
             model,
             LoraConfig(
-                task_type="CAUSAL_LM",
+                # SEQ_CLS also trains and saves the classification head (modules_to_save).
+                task_type="SEQ_CLS" if classify else "CAUSAL_LM",
                 r=lora.r,
                 lora_alpha=lora.alpha,  # type: ignore[arg-type]  # floats work: scale = alpha / r
                 lora_dropout=lora.dropout,
@@ -161,7 +176,7 @@ def train_lora(
         step_tokens, step_loss = 0, 0.0
         for index in range(first, first + count):
             batch_examples = micro_batch(index, plans)
-            batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
+            batch = {k: v.to(device) for k, v in batch_of(batch_examples, pad_id).items()}
             loss = peft_model(**batch).loss / count
             loss.backward()
             step_loss += float(loss.detach())
@@ -182,9 +197,17 @@ def train_lora(
         done_here = progress.step - progress.resumed_from_step
         progress.eta_seconds = elapsed / done_here * (total_steps - progress.step)
         if eval_examples and (progress.step % eval_every == 0 or progress.step == total_steps):
-            progress.eval_loss = eval_loss(
-                peft_model, eval_examples, pad_id=pad_id, batch_size=tr.batch_size
-            )
+            if classify:
+                scores = eval_classifier(
+                    peft_model, eval_examples, pad_id=pad_id, batch_size=tr.batch_size
+                )
+                progress.eval_loss = scores.loss
+                progress.eval_accuracy = scores.accuracy
+                progress.eval_matthews_correlation = scores.matthews_correlation
+            else:
+                progress.eval_loss = eval_loss(
+                    peft_model, eval_examples, pad_id=pad_id, batch_size=tr.batch_size
+                )
             progress.eval_step = progress.step
         if (
             checkpoint_dir is not None
@@ -202,7 +225,8 @@ def train_lora(
 
     # --- Save: PEFT safetensors, the adapter only; samples on held-out prompts.
     peft_model.save_pretrained(str(output_dir), safe_serialization=True)
-    samples = sample_generations(peft_model, tokenizer, validation_rows) if validation_rows else []
+    held_out_prompts = bool(validation_rows) and not classify
+    samples = sample_generations(peft_model, tokenizer, validation_rows) if held_out_prompts else []
     targets = getattr(peft_model.peft_config["default"], "target_modules", ())
     return TrainResult(
         final_loss=progress.loss,

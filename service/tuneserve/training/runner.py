@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from tuneserve.data.rows import Row
-from tuneserve.jobs.model import JobSpec, Progress
-from tuneserve.models import load_model, load_tokenizer
+from tuneserve.jobs.model import JobSpec, Progress, Task
+from tuneserve.models import load_classifier, load_model, load_tokenizer
 from tuneserve.training.recipe import TrainResult, train_lora
 
 
@@ -40,7 +40,17 @@ class LoraTrainer:
         checkpoint_dir: Path | None = None,
     ) -> TrainResult:
         tokenizer = load_tokenizer(self.base_model)
-        model = load_model(self.base_model, device=self.device, dtype=self.dtype)
+        if spec.task is Task.CLASSIFICATION:
+            assert tokenizer.pad_token_id is not None
+            model = load_classifier(
+                self.base_model,
+                labels=spec.labels,
+                pad_token_id=tokenizer.pad_token_id,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        else:
+            model = load_model(self.base_model, device=self.device, dtype=self.dtype)
         try:
             return train_lora(
                 spec=spec,

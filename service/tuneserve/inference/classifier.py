@@ -1,0 +1,114 @@
+"""Classification with sequence-classification adapters (LoRA plus a trained head).
+
+Memory policy (for now): each loaded classification adapter sits on its own copy of the
+base model with its head, and at most `MAX_LOADED` are kept (least recently used dropped).
+Sharing the generation engine's base weights needs the batched multi-adapter layer that
+issue 4 brings; until then a classifier costs one base model of memory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from tuneserve.errors import FailedPrecondition, InvalidArgument
+from tuneserve.jobs.model import Task, check_adapter_id
+from tuneserve.models import load_classifier
+from tuneserve.registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_LOADED = 2
+MAX_TEXTS = 256
+BATCH = 32
+
+LabelScores = list[tuple[str, float]]
+
+
+class Classifier:
+    """Thread-safe: calls take turns on one lock."""
+
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        registry: AdapterRegistry,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_tokens: int,
+    ) -> None:
+        self._base_model = base_model
+        self._registry = registry
+        self._device = device
+        self._dtype = dtype
+        self._max_tokens = max_tokens
+        self._lock = threading.Lock()
+        self._loaded: OrderedDict[str, PeftModel] = OrderedDict()
+
+    def classify(
+        self, adapter_id: str, texts: Sequence[str], tokenizer: Tokenizer
+    ) -> list[LabelScores]:
+        """For each text, every label with its probability, most likely first."""
+        if not 1 <= len(texts) <= MAX_TEXTS:
+            raise InvalidArgument(f"texts: give 1 to {MAX_TEXTS} texts", field="texts")
+        info = self._registry.get(check_adapter_id(adapter_id))
+        if info.task != Task.CLASSIFICATION.value:
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} generates text; Classify needs a classification adapter",
+                field="adapter_id",
+            )
+        encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) > self._max_tokens:
+                raise InvalidArgument(
+                    f"texts[{i}]: {len(ids)} tokens is over the limit of {self._max_tokens}",
+                    field=f"texts[{i}]",
+                )
+        pad = tokenizer.pad_token_id
+        assert pad is not None
+        results: list[LabelScores] = []
+        with self._lock, torch.inference_mode():
+            model = self._model(adapter_id, info.labels, pad)
+            for start in range(0, len(encoded), BATCH):
+                chunk = encoded[start : start + BATCH]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, ids in enumerate(chunk):
+                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    mask[row, : len(ids)] = 1
+                logits = model(
+                    input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)
+                ).logits.float()
+                for probs in torch.softmax(logits, dim=-1).tolist():
+                    scores = sorted(zip(info.labels, probs, strict=True), key=lambda s: -s[1])
+                    results.append(scores)
+        return results
+
+    def drop(self, adapter_id: str) -> None:
+        with self._lock:
+            self._loaded.pop(adapter_id, None)
+
+    def _model(self, adapter_id: str, labels: tuple[str, ...], pad: int) -> PeftModel:
+        if adapter_id in self._loaded:
+            self._loaded.move_to_end(adapter_id)
+            return self._loaded[adapter_id]
+        base = load_classifier(
+            self._base_model,
+            labels=labels,
+            pad_token_id=pad,
+            device=self._device,
+            dtype=self._dtype,
+        )
+        model = PeftModel.from_pretrained(base, str(self._registry.path(adapter_id)))
+        model.eval()
+        self._loaded[adapter_id] = model
+        while len(self._loaded) > MAX_LOADED:
+            self._loaded.popitem(last=False)
+        log.info("classification adapter %s loaded", adapter_id)
+        return model
