@@ -76,6 +76,8 @@ def train_lora(
     classify = spec.task is Task.CLASSIFICATION
 
     def encode(split: Sequence[Row]) -> list[Example]:
+        if not split:
+            return []
         if classify:
             return encode_labelled(split, tokenizer, labels=spec.labels, max_seq_length=max_len)
         return encode_rows(
