@@ -84,6 +84,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--target-modules", default="", help="comma-separated module names")
     p.add_argument("--request-id", default="", help="idempotency key")
+    p.add_argument(
+        "--classify", action="store_true", help="sequence classification (rows of text and label)"
+    )
+    p.add_argument("--labels", default="", help="classification labels in order, comma-separated")
+    p.add_argument("--parent", default="", help="continue training this adapter")
+    p.add_argument("--validation-data", type=Path, help="local JSONL of validation rows")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of rows for evaluation",
+    )
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps")
+    p.add_argument("--scheduler", default="", choices=["", "linear", "cosine", "constant"])
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--loss-on", default="", choices=["", "completion", "all"])
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--dora", action="store_true")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
     p.set_defaults(func=_train)
 
@@ -91,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("curve", help="show a job's loss curve")
+    p.add_argument("job_id")
+    p.set_defaults(func=_curve)
+
+    p = sub.add_parser("classify", help="classify texts with a classification adapter")
+    p.add_argument("adapter_id")
+    p.add_argument("texts", nargs="+")
+    p.set_defaults(func=_classify)
 
     p = sub.add_parser("jobs", help="list jobs")
     p.add_argument("--state", choices=[s for s in STATE_NAMES.values() if s != "UNSPECIFIED"])
@@ -152,14 +183,17 @@ def _client(args: argparse.Namespace) -> TuneserveClient:
     return TuneserveClient(args.target)
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _train(args: argparse.Namespace) -> int:
-    rows = None
-    if args.data is not None:
-        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     lora = pb.LoraConfig(
         r=args.lora_r,
         alpha=args.lora_alpha,
         target_modules=[m for m in args.target_modules.split(",") if m],
+        use_rslora=args.rslora,
+        use_dora=args.dora,
     )
     if args.lora_dropout is not None:
         lora.dropout = args.lora_dropout
@@ -169,17 +203,31 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         max_seq_length=args.max_seq_length,
+        scheduler=args.scheduler,
+        weight_decay=args.weight_decay,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        eval_fraction=args.eval_fraction,
+        eval_every_steps=args.eval_every,
+        checkpoint_every_steps=args.checkpoint_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+        loss_on=args.loss_on,
     )
     if args.seed is not None:
         training.seed = args.seed
+    if args.warmup_steps is not None:
+        training.warmup_steps = args.warmup_steps
     with _client(args) as client:
         job = client.train(
-            rows=rows,
+            rows=_read_jsonl(args.data) if args.data is not None else None,
             dataset_path=args.server_path,
+            validation_rows=_read_jsonl(args.validation_data) if args.validation_data else None,
             adapter_id=args.adapter_id,
             lora=lora,
             training=training,
             request_id=args.request_id,
+            parent_adapter_id=args.parent,
+            task=pb.TASK_TYPE_SEQUENCE_CLASSIFICATION if args.classify else pb.TASK_TYPE_CAUSAL_LM,
+            labels=[label for label in args.labels.split(",") if label],
         )
         print(f"job {job.id} {STATE_NAMES[job.state]} -> adapter {job.adapter_id}")
         if not args.wait:
@@ -223,6 +271,17 @@ def _print_job(job: pb.Job) -> None:
     if job.state == pb.JOB_STATE_QUEUED:
         line += f"  queue position {p.queue_position}"
     print(line)
+    if p.eval_loss:
+        line = f"  eval loss {p.eval_loss:.4f}"
+        if job.task == pb.TASK_TYPE_SEQUENCE_CLASSIFICATION:
+            line += f"  accuracy {p.eval_accuracy:.3f}  MCC {p.eval_matthews_correlation:.3f}"
+        print(line)
+    if p.resumed_from_step:
+        print(f"  resumed from step {p.resumed_from_step}")
+    for sample in job.samples:
+        print(
+            f"  sample: {sample.prompt!r} -> {sample.generated!r} (reference {sample.reference!r})"
+        )
     if job.HasField("error") and job.error.code:
         print(f"  error {job.error.code}: {job.error.message}")
 
@@ -234,6 +293,25 @@ def _status(args: argparse.Namespace) -> int:
         print(json_format.MessageToJson(job))
     else:
         _print_job(job)
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        points = client.loss_curve(args.job_id)
+    print("step  epoch    loss  eval_loss")
+    for point in points:
+        ev = f"{point.eval_loss:.4f}" if point.HasField("eval_loss") else ""
+        print(f"{point.step:4d}  {point.epoch:5.2f}  {point.loss:.4f}  {ev}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        results = client.classify(args.adapter_id, args.texts)
+    for text, result in zip(args.texts, results, strict=True):
+        scores = "  ".join(f"{s.label}={s.score:.3f}" for s in result.scores)
+        print(f"{result.label}\t{scores}\t{text}")
     return 0
 
 
