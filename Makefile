@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := service/tuneserve/v1
 PY_SOURCES := $(wildcard service tests examples bench)
 
-.PHONY: setup proto demo test unit lint fmt serve clean
+.PHONY: setup proto demo test unit lint fmt serve clean bench
 
 setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py
 
@@ -41,6 +41,10 @@ fmt: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+# Speed against the seeds' recipes, measured in the same run: writes bench/results/*.json.
+bench: setup
+	$(PY) -m bench.train
 
 serve: setup
 	$(BIN)/tuneserve serve
