@@ -55,6 +55,7 @@ def build_services(config: ServerConfig) -> Services:
         # A retrained adapter under a reused id must not be served from a stale copy.
         on_adapter_registered=lambda info: engine.drop_adapter(info.id),
         checkpoints_dir=config.checkpoints_dir,
+        base_chat_template=lambda: getattr(engine.tokenizer, "chat_template", None),
     )
     return Services(config=config, store=store, registry=registry, engine=engine, jobs=jobs)
 

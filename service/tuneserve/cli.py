@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", default="", help="classification labels in order, comma-separated")
     p.add_argument("--parent", default="", help="continue training this adapter")
+    p.add_argument(
+        "--chat-template", type=Path, help="file with a Jinja chat template for rows of messages"
+    )
     p.add_argument("--validation-data", type=Path, help="local JSONL of validation rows")
     p.add_argument(
         "--eval-fraction",
@@ -228,6 +231,7 @@ def _train(args: argparse.Namespace) -> int:
             parent_adapter_id=args.parent,
             task=pb.TASK_TYPE_SEQUENCE_CLASSIFICATION if args.classify else pb.TASK_TYPE_CAUSAL_LM,
             labels=[label for label in args.labels.split(",") if label],
+            chat_template=args.chat_template.read_text() if args.chat_template else "",
         )
         print(f"job {job.id} {STATE_NAMES[job.state]} -> adapter {job.adapter_id}")
         if not args.wait:

@@ -106,17 +106,18 @@ class TuneserveClient:
     def train(
         self,
         *,
-        rows: Iterable[Mapping[str, str]] | None = None,
+        rows: Iterable[Mapping[str, Any]] | None = None,
         dataset_path: str | None = None,
         adapter_id: str = "",
         lora: pb.LoraConfig | None = None,
         training: pb.TrainingConfig | None = None,
         request_id: str = "",
-        validation_rows: Iterable[Mapping[str, str]] | None = None,
+        validation_rows: Iterable[Mapping[str, Any]] | None = None,
         validation_path: str | None = None,
         parent_adapter_id: str = "",
         task: pb.TaskType = pb.TASK_TYPE_CAUSAL_LM,
         labels: Iterable[str] = (),
+        chat_template: str = "",
     ) -> pb.Job:
         """Rows are dicts of `text`, or of `prompt` and `response`; paths are on the server."""
         request = pb.TrainJobRequest(
@@ -128,6 +129,7 @@ class TuneserveClient:
             parent_adapter_id=parent_adapter_id,
             task=task,
             labels=list(labels),
+            chat_template=chat_template,
         )
         if validation_rows is not None or validation_path is not None:
             request.validation.CopyFrom(_dataset(validation_rows, validation_path))
@@ -224,7 +226,7 @@ class TuneserveClient:
             raise ClientError.from_rpc_error(e) from None
 
 
-def _dataset(rows: Iterable[Mapping[str, str]] | None, path: str | None) -> pb.Dataset:
+def _dataset(rows: Iterable[Mapping[str, Any]] | None, path: str | None) -> pb.Dataset:
     dataset = pb.Dataset()
     if path is not None:
         dataset.path = path

@@ -237,3 +237,66 @@ def test_article_3_sequence_classification_with_accuracy_and_mcc(
         with pytest.raises(ClientError) as e:
             client.train(rows=rows)  # labelled rows, but a causal LM job
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.field == "task"
+
+
+HUMAN_ASSISTANT = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}### Human: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}\n"
+    "{% else %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_article_4_chat_rows_with_a_template_train_on_assistant_turns(
+    tiny_llama: Path, tmp_path: Path, server_factory
+) -> None:
+    """Article 4's "### Human: ... ### Assistant: ..." conversations, loss on the assistant."""
+    server = server_factory(make_config(tiny_llama, tmp_path))
+    chats = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": r["prompt"].removeprefix("Question: ").removesuffix(" Answer:"),
+                },
+                {"role": "assistant", "content": r["response"].strip()},
+            ]
+        }
+        for r in vader_rows()[:6]
+    ]
+    chats[0]["messages"] += [  # multi-turn
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Then nothing."},
+    ]
+    with TuneserveClient(server.target) as client:
+        with pytest.raises(ClientError) as e:  # the tiny tokenizer has no template of its own
+            client.train(rows=chats, adapter_id="chat")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.field == "chat_template"
+        with pytest.raises(ClientError) as e:
+            client.train(rows=chats, chat_template="{% for m in messages %}")
+        assert e.value.field == "chat_template"
+        with pytest.raises(ClientError) as e:
+            client.train(
+                rows=[{"messages": [{"role": "user", "content": "hi"}]}],
+                chat_template=HUMAN_ASSISTANT,
+            )
+        assert e.value.field == "dataset.inline.rows[0].messages"
+
+        job = client.train(
+            rows=chats,
+            adapter_id="chat",
+            chat_template=HUMAN_ASSISTANT,
+            training=pb.TrainingConfig(epochs=40, learning_rate=0.01, batch_size=3),
+        )
+        job = client.wait(job.id, timeout=300)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        question = chats[1]["messages"][0]["content"]
+        out = client.generate(
+            f"### Human: {question}\n### Assistant:",
+            adapter_id="chat",
+            greedy=True,
+            stop=["\n"],
+        )
+        assert out.text.strip() == chats[1]["messages"][1]["content"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import timestamp_pb2
 
 from tuneserve.errors import InvalidArgument
@@ -38,11 +40,17 @@ _FINISH = {
 }
 
 
-def _dataset(dataset: pb.Dataset) -> tuple[list[dict[str, str]] | None, str | None]:
+def _dataset(dataset: pb.Dataset) -> tuple[list[dict[str, Any]] | None, str | None]:
     source = dataset.WhichOneof("source")
     if source == "inline":
         rows = [
-            {"text": r.text, "prompt": r.prompt, "response": r.response, "label": r.label}
+            {
+                "text": r.text,
+                "prompt": r.prompt,
+                "response": r.response,
+                "label": r.label,
+                "messages": [{"role": m.role, "content": m.content} for m in r.messages],
+            }
             for r in dataset.inline.rows
         ]
         return rows, None
@@ -64,6 +72,7 @@ def train_request(req: pb.TrainJobRequest) -> TrainRequest:
         parent_adapter_id=req.parent_adapter_id,
         task=_TASKS_BACK.get(req.task, Task.CAUSAL_LM),
         labels=tuple(req.labels),
+        chat_template=req.chat_template,
         adapter_id=req.adapter_id,
         lora=LoraSpec(
             r=lora.r or defaults_lora.r,

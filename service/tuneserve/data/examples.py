@@ -93,3 +93,43 @@ def collate_labelled(examples: Sequence[Example], pad_token_id: int) -> dict[str
     batch = collate([Example(e.input_ids, e.input_ids) for e in examples], pad_token_id)
     batch["labels"] = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
     return batch
+
+
+def encode_chat(
+    rows: Sequence[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    chat_template: str | None,
+    max_seq_length: int,
+    mask_prompt: bool = True,
+) -> list[Example]:
+    """Conversations rendered with the chat template, turn by turn, so each token is known
+    to belong to one message: with `mask_prompt` only assistant turns (their role header
+    included) are in the loss. The conversation ends with EOS so the model learns to stop."""
+    eos = tokenizer.eos_token_id
+    examples = []
+    for row in rows:
+        messages = row["messages"]
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for i, message in enumerate(messages):
+            text = str(
+                tokenizer.apply_chat_template(
+                    messages[: i + 1], chat_template=chat_template, tokenize=False
+                )
+            )
+            # Templates render conversations as prefixes of one another; the turn is the rest.
+            turn = text[len(rendered) :] if text.startswith(rendered) else text
+            rendered = text
+            turn_ids = list(tokenizer(turn, add_special_tokens=i == 0)["input_ids"])
+            ids += turn_ids
+            trained = not mask_prompt or message["role"] == "assistant"
+            labels += turn_ids if trained else [IGNORE_INDEX] * len(turn_ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(
+                eos if messages[-1]["role"] == "assistant" or not mask_prompt else IGNORE_INDEX
+            )
+        examples.append(Example(ids[:max_seq_length], labels[:max_seq_length]))
+    return examples

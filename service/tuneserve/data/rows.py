@@ -12,7 +12,9 @@ from typing import Any
 from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import DatasetFormat
 
-Row = dict[str, str]
+# One validated row: {"text"}, {"prompt", "response"}, {"text", "label"} or {"messages"}.
+Row = dict[str, Any]
+ROLES = ("system", "user", "assistant")
 
 
 def resolve_dataset_path(path: str, roots: Sequence[Path], *, field: str = "dataset.path") -> Path:
@@ -102,8 +104,10 @@ def validate_rows(
                 field=where,
                 row=index,
             )
-        keys = _KEYS[row_form]
-        clean.append({k: str(row[k]) for k in keys})
+        if row_form is DatasetFormat.CHAT:
+            clean.append({"messages": _messages(row["messages"], where, index)})
+        else:
+            clean.append({k: str(row[k]) for k in _KEYS[row_form]})
     assert form is not None
     return form, clean
 
@@ -115,7 +119,45 @@ _KEYS = {
 }
 
 
+def _messages(messages: Any, where: str, index: int) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument(
+            f"{where}.messages: must be a non-empty list", field=f"{where}.messages", row=index
+        )
+    clean = []
+    for i, m in enumerate(messages):
+        at = f"{where}.messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise InvalidArgument(f"{at}: must be an object", field=at, row=index)
+        if m.get("role") not in ROLES:
+            raise InvalidArgument(
+                f"{at}.role: {m.get('role')!r} is not one of {', '.join(ROLES)}",
+                field=f"{at}.role",
+                row=index,
+            )
+        if not isinstance(m.get("content"), str) or not m["content"]:
+            raise InvalidArgument(
+                f"{at}.content: must be a non-empty string", field=f"{at}.content", row=index
+            )
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise InvalidArgument(
+            f"{where}.messages: has no assistant turn to learn from",
+            field=f"{where}.messages",
+            row=index,
+        )
+    return clean
+
+
 def _row_form(row: Mapping[str, Any], where: str, index: int) -> DatasetFormat:
+    if row.get("messages") not in (None, [], ""):
+        if any(row.get(k) not in (None, "") for k in ("text", "prompt", "response", "label")):
+            raise InvalidArgument(
+                f"{where}: has messages and other fields; give one form",
+                field=f"{where}.messages",
+                row=index,
+            )
+        return DatasetFormat.CHAT
     present = {k for k in ("text", "prompt", "response", "label") if row.get(k) not in (None, "")}
     for key in present:
         label_number = key == "label" and type(row[key]) is int  # CoLA-style 0/1 labels
@@ -152,7 +194,7 @@ def _row_form(row: Mapping[str, Any], where: str, index: int) -> DatasetFormat:
             f"{where}.prompt: is missing or empty", field=f"{where}.prompt", row=index
         )
     raise InvalidArgument(
-        f"{where}: needs a non-empty text, or a non-empty prompt and response",
+        f"{where}: needs a non-empty text, a prompt and response, or messages",
         field=f"{where}.text",
         row=index,
     )

@@ -72,6 +72,7 @@ class TrainRequest:
     parent_adapter_id: str = ""
     task: Task = Task.CAUSAL_LM
     labels: tuple[str, ...] = ()  # classification: default, the sorted distinct row labels
+    chat_template: str = ""  # chat rows: default, the base tokenizer's
 
 
 class Trainer(Protocol):
@@ -113,6 +114,7 @@ class JobManager:
         limits: Limits,
         on_adapter_registered: Callable[[AdapterInfo], None] = lambda info: None,
         checkpoints_dir: Path | None = None,
+        base_chat_template: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -122,6 +124,7 @@ class JobManager:
         self._limits = limits
         self._on_registered = on_adapter_registered
         self._checkpoints_dir = checkpoints_dir
+        self._base_chat_template = base_chat_template
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -193,12 +196,15 @@ class JobManager:
         dataset_format, rows = self._load_rows(request)
         rows, validation = self._split_validation(request, spec, dataset_format, rows)
         labels = self._labels(request, dataset_format, rows, validation, parent)
+        if dataset_format is DatasetFormat.CHAT:
+            self._check_chat_template(request.chat_template, rows[0]["messages"])
         spec = dataclasses.replace(
             spec,
             dataset_format=dataset_format,
             dataset_rows=len(rows),
             validation_rows=len(validation),
             labels=labels,
+            chat_template=request.chat_template,
         )
         if parent is not None:
             spec = dataclasses.replace(
@@ -460,6 +466,27 @@ class JobManager:
                 field="parent_adapter_id",
             )
         return parent
+
+    def _check_chat_template(self, template: str, messages: list[dict[str, str]]) -> None:
+        """Chat rows need a template that renders; checked now, not at training time."""
+        if not template and not self._base_chat_template():
+            raise InvalidArgument(
+                "chat_template: the base model's tokenizer has no chat template; give one",
+                field="chat_template",
+            )
+        if template:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            try:
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.from_string(template).render(
+                    messages=messages, add_generation_prompt=False, bos_token="", eos_token=""
+                )
+            except TemplateError as e:
+                raise InvalidArgument(
+                    f"chat_template: does not render: {e}", field="chat_template"
+                ) from None
 
     def _labels(
         self,

@@ -43,6 +43,7 @@ class DatasetFormat(str, enum.Enum):
     TEXT = "text"  # loss on every token
     PROMPT_RESPONSE = "prompt_response"  # loss on the response only
     LABELLED = "labelled"  # text with a label, for sequence classification
+    CHAT = "chat"  # messages of role and content, rendered with a chat template
 
 
 class Task(str, enum.Enum):
@@ -99,6 +100,7 @@ class JobSpec:
     validation_rows: int = 0
     task: Task = Task.CAUSAL_LM
     labels: tuple[str, ...] = ()  # classification: label names in the head's order
+    chat_template: str = ""  # chat rows: Jinja template; empty: the tokenizer's
 
     def validate(self) -> JobSpec:
         """Report every problem at once; return the spec with defaults resolved."""
@@ -189,6 +191,7 @@ class JobSpec:
             validation_rows=d.get("validation_rows", 0),
             task=Task(d.get("task", Task.CAUSAL_LM.value)),
             labels=tuple(d.get("labels", ())),
+            chat_template=d.get("chat_template", ""),
         )
 
 

@@ -25,12 +25,13 @@ from tuneserve.data.examples import (
     Example,
     collate,
     collate_labelled,
+    encode_chat,
     encode_labelled,
     encode_rows,
 )
 from tuneserve.data.rows import Row
 from tuneserve.errors import InvalidArgument
-from tuneserve.jobs.model import JobSpec, Progress, Task
+from tuneserve.jobs.model import DatasetFormat, JobSpec, Progress, Task
 from tuneserve.models import max_positions
 from tuneserve.training.batching import epoch_batches
 from tuneserve.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -80,6 +81,14 @@ def train_lora(
             return []
         if classify:
             return encode_labelled(split, tokenizer, labels=spec.labels, max_seq_length=max_len)
+        if spec.dataset_format is DatasetFormat.CHAT:
+            return encode_chat(
+                split,
+                tokenizer,
+                chat_template=spec.chat_template or None,
+                max_seq_length=max_len,
+                mask_prompt=tr.loss_on == "completion",
+            )
         return encode_rows(
             split,
             tokenizer,
