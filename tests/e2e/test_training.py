@@ -127,6 +127,17 @@ def test_rslora_dora_and_gradient_accumulation(
         assert job.lora.use_rslora and job.lora.use_dora
         modules = client.get_adapter("variants").lora.target_modules
         assert modules and all(m.endswith("c_attn") for m in modules)
+        default = client.wait(
+            client.train(
+                rows=vader_rows()[:4],
+                adapter_id="arch-default",
+                lora=pb.LoraConfig(target_modules=["default"]),
+                training=pb.TrainingConfig(max_steps=1),
+            ).id,
+            timeout=120,
+        )
+        assert default.state == pb.JOB_STATE_SUCCEEDED, default.error
+        assert list(client.get_adapter("arch-default").lora.target_modules) == ["c_attn"]
         with pytest.raises(ClientError) as e:
             client.train(
                 rows=vader_rows(),

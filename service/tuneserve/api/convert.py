@@ -122,6 +122,7 @@ def job(j: Job) -> pb.Job:
             resumed_from_step=p.resumed_from_step,
             eval_accuracy=p.eval_accuracy,
             eval_matthews_correlation=p.eval_matthews_correlation,
+            mfu=p.mfu,
         ),
         create_time=_timestamp(j.created_at),
         adapter_id=s.adapter_id,

@@ -210,6 +210,7 @@ class Progress:
     eval_accuracy: float = 0.0  # classification
     eval_matthews_correlation: float = 0.0  # classification
     resumed_from_step: int = 0  # the checkpoint this run started from
+    mfu: float = 0.0  # model FLOPs utilisation on a GPU; 0 on a CPU
 
     @property
     def fraction_done(self) -> float:

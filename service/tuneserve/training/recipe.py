@@ -36,6 +36,7 @@ from tuneserve.models import max_positions
 from tuneserve.training.batching import epoch_batches
 from tuneserve.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneserve.training.evaluation import eval_classifier, eval_loss, sample_generations
+from tuneserve.training.flops import model_flops_utilisation, peak_flops
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -125,12 +126,14 @@ def train_lora(
                 r=lora.r,
                 lora_alpha=lora.alpha,  # type: ignore[arg-type]  # floats work: scale = alpha / r
                 lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules) or "all-linear",
+                target_modules=_target_modules(lora.target_modules),
                 use_rslora=lora.use_rslora,
                 use_dora=lora.use_dora,
             ),
         )
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    parameters = sum(p.numel() for p in peft_model.parameters())
+    peak = peak_flops(device)
     optimizer = torch.optim.AdamW(trainable, lr=tr.learning_rate, weight_decay=tr.weight_decay)
     scheduler = get_scheduler(
         _SCHEDULERS[tr.scheduler],
@@ -205,6 +208,9 @@ def train_lora(
         progress.tokens_per_second = (progress.trained_tokens - tokens_at_start) / max(
             elapsed, 1e-9
         )
+        progress.mfu = model_flops_utilisation(
+            parameters=parameters, tokens_per_second=progress.tokens_per_second, peak=peak
+        )
         done_here = progress.step - progress.resumed_from_step
         progress.eta_seconds = elapsed / done_here * (total_steps - progress.step)
         if eval_examples and (progress.step % eval_every == 0 or progress.step == total_steps):
@@ -248,6 +254,16 @@ def train_lora(
         eval_loss=progress.eval_loss if eval_examples else None,
         samples=samples,
     )
+
+
+def _target_modules(names: tuple[str, ...]) -> list[str] | str | None:
+    """Empty: every linear layer but the head. ("default",): peft's choice for the
+    architecture (GPT-2: c_attn; Llama: q_proj, v_proj). Otherwise the names given."""
+    if not names:
+        return "all-linear"
+    if names == ("default",):
+        return None
+    return list(names)
 
 
 def _first_micro(step: int, accum: int, micro_per_epoch: int, steps_per_epoch: int) -> int:
