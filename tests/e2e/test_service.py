@@ -72,6 +72,7 @@ def test_adapter_is_registered_with_metadata(served: dict) -> None:
 
 
 def test_greedy_generation_reproduces_trained_response_and_differs_from_base(served: dict) -> None:
+    """Article 2's workflow: LoRA with an end-of-sequence token, base and tuned compared."""
     client: TuneserveClient = served["client"]
     row = vader_rows()[6]  # "Who is your father?"
     tuned = client.generate(row["prompt"], adapter_id="vader", greedy=True, max_new_tokens=30)
