@@ -109,6 +109,129 @@ def test_too_many_rows_is_rejected() -> None:
     assert "limit of 3" in info.value.message
 
 
+# --- chat rows
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who is your father?"},
+    {"role": "assistant", "content": "I am your father."},
+]
+
+
+def test_chat_rows_are_accepted_and_extra_keys_dropped() -> None:
+    rows = [
+        {"messages": CHAT},
+        {"messages": [{"role": "user", "content": "Hi", "name": "luke"}, CHAT[2]], "meta": 1},
+    ]
+    form, clean = validate(rows)
+    assert form is DatasetFormat.CHAT
+    assert clean == [
+        {"messages": CHAT},
+        {"messages": [{"role": "user", "content": "Hi"}, CHAT[2]]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"role": "wookiee", "content": "Hi"}, "role"),
+        ({"content": "Hi"}, "role"),
+        ({"role": "user", "content": ""}, "content"),
+        ({"role": "user"}, "content"),
+        ({"role": "user", "content": 3}, "content"),
+    ],
+)
+def test_bad_message_names_the_message_field_and_row(message: dict[str, Any], field: str) -> None:
+    rows = [{"messages": CHAT}, {"messages": [CHAT[1], message, CHAT[2]]}]
+    with pytest.raises(InvalidArgument) as info:
+        validate(rows)
+    assert info.value.field == f"{PREFIX}[1].messages[1].{field}"
+    assert info.value.row == 1
+    assert f"{PREFIX}[1].messages[1].{field}" in info.value.message
+
+
+def test_message_that_is_not_an_object_is_rejected() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"messages": [CHAT[1], "I am your father."]}])
+    assert info.value.field == f"{PREFIX}[0].messages[1]"
+    assert info.value.row == 0
+
+
+@pytest.mark.parametrize("messages", [{"role": "user"}, "hello"])
+def test_messages_must_be_a_list(messages: Any) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"messages": messages}])
+    assert info.value.field == f"{PREFIX}[0].messages"
+    assert "non-empty list" in info.value.message
+
+
+def test_conversation_without_an_assistant_turn_is_rejected() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"messages": CHAT}, {"messages": CHAT[:2]}])
+    assert info.value.field == f"{PREFIX}[1].messages"
+    assert info.value.row == 1
+    assert "no assistant turn" in info.value.message
+
+
+@pytest.mark.parametrize("other", [{"text": "t"}, {"prompt": "q", "response": "r"}, {"label": "a"}])
+def test_messages_with_other_fields_are_rejected(other: dict[str, str]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"messages": CHAT}, {"messages": CHAT, **other}])
+    assert info.value.field == f"{PREFIX}[1].messages"
+    assert info.value.row == 1
+    assert "one form" in info.value.message
+
+
+def test_chat_rows_mixed_with_text_rows_are_rejected() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"messages": CHAT}, {"text": "plain"}])
+    assert info.value.row == 1
+    assert "same form" in info.value.message
+
+
+# --- labelled rows
+
+
+def test_labelled_rows_are_accepted() -> None:
+    form, clean = validate(
+        [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg", "prompt": ""}]
+    )
+    assert form is DatasetFormat.LABELLED
+    assert clean == [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+
+
+def test_integer_labels_are_accepted_as_strings() -> None:
+    form, clean = validate([{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    assert form is DatasetFormat.LABELLED
+    assert clean == [{"text": "good", "label": "1"}, {"text": "bad", "label": "0"}]
+
+
+@pytest.mark.parametrize("label", [True, 1.0, ["a"]])
+def test_other_label_types_are_rejected(label: Any) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"text": "good", "label": label}])
+    assert info.value.field == f"{PREFIX}[0].label"
+    assert "must be a string" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "row",
+    [{"label": "pos"}, {"text": "", "label": "pos"}, {"prompt": "q", "response": "r", "label": 1}],
+)
+def test_label_without_text_is_rejected(row: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"text": "good", "label": "pos"}, row])
+    assert info.value.field == f"{PREFIX}[1].text"
+    assert info.value.row == 1
+
+
+def test_labelled_and_text_rows_do_not_mix() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate([{"text": "good", "label": "pos"}, {"text": "no label"}])
+    assert info.value.row == 1
+    assert "same form" in info.value.message
+
+
 # --- read_jsonl
 
 

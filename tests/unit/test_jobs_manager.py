@@ -16,8 +16,17 @@ import pytest
 from tuneserve.data.rows import Row, write_snapshot
 from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tuneserve.jobs.manager import JobManager, Limits, TrainRequest
-from tuneserve.jobs.model import DatasetFormat, Job, JobSpec, JobState, Progress, TrainingSpec
-from tuneserve.jobs.store import SQLiteJobStore
+from tuneserve.jobs.model import (
+    DatasetFormat,
+    Job,
+    JobSpec,
+    JobState,
+    LoraSpec,
+    Progress,
+    Task,
+    TrainingSpec,
+)
+from tuneserve.jobs.store import LossPoint, SQLiteJobStore
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 from tuneserve.training.recipe import StopTraining
 
@@ -46,6 +55,7 @@ class FakeTrainer:
     started: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     calls: list[tuple[str, list[Row]]] = field(default_factory=list)
+    more: list[dict[str, Any]] = field(default_factory=list)  # the other keyword arguments
 
     def __call__(
         self,
@@ -58,6 +68,10 @@ class FakeTrainer:
         **more: Any,
     ) -> FakeResult:
         self.calls.append((spec.adapter_id, list(rows)))
+        self.more.append(more)
+        if (checkpoints := more.get("checkpoint_dir")) is not None:  # as the real one does
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / "step-00000001").write_bytes(b"checkpoint")
         self.started.set()
         steps = 3
         for step in range(1, steps + 1):
@@ -91,7 +105,9 @@ class Env:
     registered: list[AdapterInfo]
     managers: list[JobManager]
 
-    def manager(self, limits: Limits | None = None, *, start: bool = False) -> JobManager:
+    def manager(
+        self, limits: Limits | None = None, *, start: bool = False, **more: Any
+    ) -> JobManager:
         m = JobManager(
             store=self.store,
             registry=self.registry,
@@ -100,6 +116,7 @@ class Env:
             datasets_dir=self.tmp / "datasets",
             limits=limits or Limits(),
             on_adapter_registered=self.registered.append,
+            **more,
         )
         self.managers.append(m)
         if start:
@@ -457,3 +474,434 @@ def test_concurrent_submits_with_one_request_id_get_the_same_job(env: Env, adapt
         t.join(TIMEOUT)
     assert all(isinstance(r, Job) for r in results), results
     assert results[0].id == results[1].id
+
+
+# --- validation rows: given, or a fraction held out
+
+TEXT_ROWS = [{"text": f"row {i}"} for i in range(10)]
+
+
+def run_to_success(m: JobManager, req: TrainRequest) -> Job:
+    job = m.submit(req)
+    return wait_state(m, job.id, JobState.SUCCEEDED)
+
+
+def test_eval_fraction_holds_out_rows_that_the_trainer_gets_as_validation(env: Env) -> None:
+    m = env.manager(start=True)
+    job = run_to_success(
+        m, request("held", rows=TEXT_ROWS, training=TrainingSpec(eval_fraction=0.3, seed=5))
+    )
+    assert job.spec.dataset_rows == 7
+    assert job.spec.validation_rows == 3
+    [(_, trained)] = env.trainer.calls
+    validation = env.trainer.more[0]["validation_rows"]
+    assert len(trained) == 7 and len(validation) == 3
+    # Held out, not copied: every row is in exactly one split, in its original order.
+    assert sorted(r["text"] for r in trained + validation) == sorted(r["text"] for r in TEXT_ROWS)
+    assert trained == [r for r in TEXT_ROWS if r in trained]
+    assert validation == [r for r in TEXT_ROWS if r in validation]
+
+
+def test_eval_fraction_split_is_deterministic_by_seed(env: Env) -> None:
+    m = env.manager(start=True)
+    held = {}
+    for adapter_id, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run_to_success(
+            m,
+            request(
+                adapter_id, rows=TEXT_ROWS, training=TrainingSpec(eval_fraction=0.3, seed=seed)
+            ),
+        )
+    for (adapter_id, _), more in zip(env.trainer.calls, env.trainer.more, strict=True):
+        held[adapter_id] = [r["text"] for r in more["validation_rows"]]
+    assert held["a"] == held["b"]
+    assert held["a"] != held["c"]
+
+
+@pytest.mark.parametrize(("n", "fraction", "held"), [(10, 0.01, 1), (10, 0.25, 2), (20, 0.5, 10)])
+def test_eval_fraction_holds_out_a_rounded_share_and_at_least_one(
+    env: Env, n: int, fraction: float, held: int
+) -> None:
+    rows = [{"text": f"row {i}"} for i in range(n)]
+    job = env.manager().submit(request(rows=rows, training=TrainingSpec(eval_fraction=fraction)))
+    assert (job.spec.dataset_rows, job.spec.validation_rows) == (n - held, held)
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(1, 0.1), (2, 0.9)])
+def test_eval_fraction_that_leaves_nothing_to_train_is_rejected(
+    env: Env, n: int, fraction: float
+) -> None:
+    m = env.manager()
+    rows = [{"text": f"row {i}"} for i in range(n)]
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(rows=rows, training=TrainingSpec(eval_fraction=fraction)))
+    assert info.value.field == "training.eval_fraction"
+    assert "none to train on" in info.value.message
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+def test_without_validation_the_trainer_gets_none(env: Env) -> None:
+    m = env.manager(start=True)
+    job = run_to_success(m, request("plain"))
+    assert job.spec.validation_rows == 0
+    assert env.trainer.more[0]["validation_rows"] == []
+    assert env.trainer.more[0]["parent_adapter_dir"] is None
+    assert env.trainer.more[0]["checkpoint_dir"] is None
+
+
+def test_given_validation_rows_reach_the_trainer_and_nothing_is_held_out(env: Env) -> None:
+    validation = [{"prompt": "Q: why", "response": " A: because"}]
+    m = env.manager(start=True)
+    job = run_to_success(
+        m,
+        request(
+            "given",
+            validation_rows=validation,
+            training=TrainingSpec(eval_fraction=0.5),  # ignored: a validation set was given
+        ),
+    )
+    assert (job.spec.dataset_rows, job.spec.validation_rows) == (2, 1)
+    assert env.trainer.calls == [("given", ROWS)]
+    assert env.trainer.more[0]["validation_rows"] == validation
+
+
+def test_validation_rows_of_another_form_are_rejected(env: Env) -> None:
+    m = env.manager()
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(validation_rows=[{"text": "plain text"}]))
+    assert info.value.field == "validation.inline.rows"
+    assert "text rows" in info.value.message and "prompt_response" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(validation_rows=[{"prompt": "q"}]))
+    assert info.value.field == "validation.inline.rows[0].response"
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+# --- sequence classification
+
+LABELLED = [
+    {"text": "I am fine", "label": "pos"},
+    {"text": "It is noon", "label": 1},
+    {"text": "The lazy dog", "label": "neg"},
+]
+CLS = Task.CLASSIFICATION
+
+
+def test_classification_labels_default_to_the_sorted_distinct_row_labels(env: Env) -> None:
+    m = env.manager(start=True)
+    job = m.submit(request("cls", rows=LABELLED, task=CLS))
+    assert job.spec.task is CLS
+    assert job.spec.dataset_format is DatasetFormat.LABELLED
+    assert job.spec.labels == ("1", "neg", "pos")
+    wait_state(m, job.id, JobState.SUCCEEDED)
+    assert [r["label"] for r in env.trainer.calls[0][1]] == ["pos", "1", "neg"]
+    adapter = env.registry.get("cls")
+    assert adapter.task == "classification"
+    assert adapter.labels == ("1", "neg", "pos")
+
+
+def test_classification_keeps_the_label_order_given(env: Env) -> None:
+    job = env.manager().submit(request(rows=LABELLED, task=CLS, labels=("pos", "neg", "1")))
+    assert job.spec.labels == ("pos", "neg", "1")
+
+
+def test_unknown_label_in_validation_rows_names_the_row(env: Env) -> None:
+    m = env.manager()
+    validation = [{"text": "good", "label": "pos"}, {"text": "unsure", "label": "maybe"}]
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(rows=LABELLED, task=CLS, validation_rows=validation))
+    assert info.value.row == 1
+    assert info.value.field.startswith("validation")
+    assert info.value.field.endswith("rows[1].label")
+    assert "'maybe'" in info.value.message
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+def test_unknown_label_in_training_rows_names_the_row(env: Env) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(request(rows=LABELLED, task=CLS, labels=("pos", "neg")))
+    assert info.value.row == 1
+    assert info.value.field.startswith("dataset")
+    assert info.value.field.endswith("rows[1].label")
+
+
+def test_unknown_label_with_eval_fraction_names_the_users_row(env: Env) -> None:
+    rows = [{"text": f"row {i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
+    rows[9] = {"text": "row 9", "label": "maybe"}
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(
+            request(
+                rows=rows,
+                task=CLS,
+                labels=("neg", "pos"),
+                training=TrainingSpec(eval_fraction=0.2, seed=0),
+            )
+        )
+    assert info.value.row == 9
+    assert info.value.field.startswith("dataset")
+    assert info.value.field.endswith("rows[9].label")
+
+
+def test_labelled_rows_need_the_classification_task(env: Env) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(request(rows=LABELLED))
+    assert info.value.field == "task"
+
+
+def test_classification_needs_labelled_rows(env: Env) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(request(task=CLS))
+    assert info.value.field == "dataset"
+
+
+@pytest.mark.parametrize(
+    ("rows", "labels"),
+    [
+        ([{"text": "a", "label": "pos"}, {"text": "b", "label": "pos"}], ()),
+        (LABELLED, ("pos", "neg", "pos", "1")),
+    ],
+)
+def test_classification_needs_two_distinct_labels(
+    env: Env, rows: list[dict[str, Any]], labels: tuple[str, ...]
+) -> None:
+    m = env.manager()
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(rows=rows, task=CLS, labels=labels))
+    assert info.value.field == "labels"
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+# --- continuing a parent adapter
+
+
+def register_parent(env: Env, adapter_id: str = "parent", **kw: Any) -> AdapterInfo:
+    staging = env.registry.staging_dir()
+    (staging / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    fields: dict[str, Any] = {
+        "base_model": "tiny-base",
+        "r": 4,
+        "alpha": 16.0,
+        "dropout": 0.1,
+        "target_modules": ("c_attn", "c_proj"),
+        "source_job_id": "old-job",
+        "final_loss": 0.5,
+        "steps": 3,
+        "trained_tokens": 10,
+        **kw,
+    }
+    return env.registry.register(staging, AdapterInfo(id=adapter_id, **fields))
+
+
+def test_unknown_parent_is_not_found(env: Env) -> None:
+    m = env.manager()
+    with pytest.raises(NotFound) as info:
+        m.submit(request("child", parent_adapter_id="nobody"))
+    assert info.value.field == "parent_adapter_id"
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+@pytest.mark.parametrize(
+    "parent_kw", [{"base_model": "other-base"}, {"task": "classification", "labels": ("a", "b")}]
+)
+def test_parent_for_another_base_model_or_task_is_refused(
+    env: Env, parent_kw: dict[str, Any]
+) -> None:
+    register_parent(env, **parent_kw)
+    with pytest.raises(FailedPrecondition) as info:
+        env.manager().submit(request("child", parent_adapter_id="parent"))
+    assert info.value.field == "parent_adapter_id"
+
+
+def test_child_takes_the_parents_lora_shape_and_directory(env: Env) -> None:
+    register_parent(env)
+    m = env.manager(start=True)
+    job = m.submit(
+        request(
+            "child",
+            parent_adapter_id="parent",
+            lora=LoraSpec(r=32, alpha=8.0, target_modules=("q_proj",)),  # overridden
+        )
+    )
+    assert job.spec.lora.r == 4
+    assert job.spec.lora.alpha == 16.0
+    assert job.spec.lora.dropout == 0.1
+    assert job.spec.lora.target_modules == ("c_attn", "c_proj")
+    wait_state(m, job.id, JobState.SUCCEEDED)
+    assert env.trainer.more[0]["parent_adapter_dir"] == env.registry.path("parent")
+    child = env.registry.get("child")
+    assert child.parent_adapter_id == "parent"
+    assert (child.r, child.alpha) == (4, 16.0)
+
+
+def test_classification_child_keeps_the_parents_labels(env: Env) -> None:
+    register_parent(env, task="classification", labels=("pos", "neg", "1"))
+    job = env.manager().submit(
+        request(
+            "child", rows=LABELLED, task=CLS, labels=("1", "neg", "pos"), parent_adapter_id="parent"
+        )
+    )
+    assert job.spec.labels == ("pos", "neg", "1")  # the head's order cannot change
+
+
+# --- chat rows
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+]
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_rows_need_a_template(env: Env) -> None:
+    m = env.manager(base_chat_template=lambda: None)
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(rows=CHAT_ROWS))
+    assert info.value.field == "chat_template"
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+    job = m.submit(request("own", rows=CHAT_ROWS, chat_template=TEMPLATE))
+    assert job.spec.dataset_format is DatasetFormat.CHAT
+    assert job.spec.chat_template == TEMPLATE
+
+
+def test_chat_rows_may_use_the_base_tokenizers_template(env: Env) -> None:
+    m = env.manager(base_chat_template=lambda: TEMPLATE, start=True)
+    job = run_to_success(m, request("base-template", rows=CHAT_ROWS))
+    assert job.spec.chat_template == ""  # the trainer falls back to the tokenizer's
+    assert env.trainer.calls == [("base-template", CHAT_ROWS)]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}{{ m['content'] }}",  # unclosed block: does not compile
+        "{{ messages[0]['content'] | no_such_filter }}",
+        "{{ messages[9]['content'] }}",  # fails when rendered
+    ],
+)
+def test_chat_template_that_does_not_render_is_rejected(env: Env, template: str) -> None:
+    m = env.manager(base_chat_template=lambda: TEMPLATE)
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request(rows=CHAT_ROWS, chat_template=template))
+    assert info.value.field == "chat_template"
+    assert "does not render" in info.value.message
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+
+
+def test_chat_template_accepted_by_transformers_is_accepted(env: Env) -> None:
+    template = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    job = env.manager().submit(request(rows=CHAT_ROWS, chat_template=template))
+    assert job.spec.chat_template == template
+
+
+# --- resumable checkpoints
+
+
+def test_trainer_gets_a_checkpoint_dir_per_job_removed_when_it_finishes(env: Env) -> None:
+    checkpoints = env.tmp / "checkpoints"
+    m = env.manager(checkpoints_dir=checkpoints, start=True)
+    job = run_to_success(m, request("vader"))
+    assert env.trainer.more[0]["checkpoint_dir"] == checkpoints / job.id
+    assert not (checkpoints / job.id).exists()  # a finished job never resumes
+
+
+@pytest.mark.parametrize("outcome", [JobState.FAILED, JobState.CANCELLED])
+def test_checkpoints_of_a_failed_or_cancelled_job_are_removed(env: Env, outcome: JobState) -> None:
+    checkpoints = env.tmp / "checkpoints"
+    env.trainer.hold = outcome is JobState.CANCELLED
+    env.trainer.error = RuntimeError("boom") if outcome is JobState.FAILED else None
+    m = env.manager(checkpoints_dir=checkpoints, start=True)
+    job = m.submit(request("vader"))
+    assert env.trainer.started.wait(TIMEOUT)
+    if outcome is JobState.CANCELLED:
+        wait_until(lambda: m.get(job.id).progress.step == 1)
+        m.cancel(job.id)
+    wait_state(m, job.id, outcome)
+    assert not (checkpoints / job.id).exists()
+
+
+def test_checkpoints_survive_a_shutdown_for_the_next_process(env: Env) -> None:
+    checkpoints = env.tmp / "checkpoints"
+    env.trainer.hold = True
+    m = env.manager(checkpoints_dir=checkpoints, start=True)
+    job = m.submit(request("vader"))
+    assert env.trainer.started.wait(TIMEOUT)
+    wait_until(lambda: m.get(job.id).progress.step == 1)
+    m.stop(timeout=TIMEOUT)
+    assert (checkpoints / job.id / "step-00000001").is_file()  # kept to resume from
+
+    env.trainer.hold = False
+    m2 = env.manager(checkpoints_dir=checkpoints, start=True)
+    wait_state(m2, job.id, JobState.SUCCEEDED)
+    assert [more["checkpoint_dir"] for more in env.trainer.more] == [checkpoints / job.id] * 2
+    assert not (checkpoints / job.id).exists()
+
+
+# --- loss curve
+
+
+def curve_trainer(
+    *, output_dir: Path, on_progress: Callable[[Progress], None], **_: Any
+) -> FakeResult:
+    """Four steps over two epochs, evaluated at step 2."""
+    for step in range(1, 5):
+        on_progress(
+            Progress(
+                step=step,
+                total_steps=4,
+                epoch=step / 2,
+                loss=2.0 / step,
+                eval_loss=0.9 if step >= 2 else 0.0,
+                eval_step=2 if step >= 2 else 0,
+            )
+        )
+    (output_dir / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    return FakeResult(final_loss=0.5, steps=4, trained_tokens=8)
+
+
+def manager_with(env: Env, trainer: Any) -> JobManager:
+    m = JobManager(
+        store=env.store,
+        registry=env.registry,
+        trainer=trainer,
+        base_model="tiny-base",
+        datasets_dir=env.tmp / "datasets",
+        limits=Limits(),
+    )
+    env.managers.append(m)
+    return m
+
+
+def test_loss_curve_has_every_reported_step_in_order(env: Env) -> None:
+    m = manager_with(env, curve_trainer)
+    job = m.submit(request("curvy"))
+    assert m.loss_curve(job.id) == []  # queued: nothing yet
+    m.start()
+    wait_state(m, job.id, JobState.SUCCEEDED)
+    assert m.loss_curve(job.id) == [
+        LossPoint(step=1, epoch=0.5, loss=2.0, eval_loss=None),
+        LossPoint(step=2, epoch=1.0, loss=1.0, eval_loss=0.9),  # evaluated at this step
+        LossPoint(step=3, epoch=1.5, loss=pytest.approx(2 / 3), eval_loss=None),
+        LossPoint(step=4, epoch=2.0, loss=0.5, eval_loss=None),
+    ]
+
+
+def test_loss_curve_of_an_unknown_job_is_not_found(env: Env) -> None:
+    with pytest.raises(NotFound) as info:
+        env.manager().loss_curve("nope")
+    assert info.value.field == "job_id"
+
+
+def test_loss_curve_of_a_failed_job_keeps_its_last_steps(env: Env) -> None:
+    def diverging(*, on_progress: Callable[[Progress], None], **_: Any) -> FakeResult:
+        for step in range(1, 4):
+            on_progress(Progress(step=step, total_steps=10, loss=float(step)))
+        raise RuntimeError("loss is NaN")
+
+    m = manager_with(env, diverging)
+    m.start()
+    job = m.submit(request("diverging"))
+    failed = wait_state(m, job.id, JobState.FAILED)
+    assert failed.progress.step == 3
+    assert [p.step for p in m.loss_curve(job.id)] == [1, 2, 3]

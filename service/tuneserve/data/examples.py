@@ -122,7 +122,10 @@ def encode_chat(
             # Templates render conversations as prefixes of one another; the turn is the rest.
             turn = text[len(rendered) :] if text.startswith(rendered) else text
             rendered = text
-            turn_ids = list(tokenizer(turn, add_special_tokens=i == 0)["input_ids"])
+            # A template that writes the BOS itself ({{ bos_token }}) must not get a second.
+            bos = tokenizer.bos_token
+            add_special = i == 0 and not (bos and turn.startswith(bos))
+            turn_ids = list(tokenizer(turn, add_special_tokens=add_special)["input_ids"])
             ids += turn_ids
             trained = not mask_prompt or message["role"] == "assistant"
             labels += turn_ids if trained else [IGNORE_INDEX] * len(turn_ids)

@@ -194,8 +194,11 @@ class JobManager:
         ).validate()  # settings first: cheap, and reported before reading a large file
         parent = self._parent(spec) if spec.parent_adapter_id else None
         dataset_format, rows = self._load_rows(request)
+        all_rows = rows
         rows, validation = self._split_validation(request, spec, dataset_format, rows)
-        labels = self._labels(request, dataset_format, rows, validation, parent)
+        given = validation if len(rows) == len(all_rows) else []  # not a held-out share
+        # Labels are checked on the rows as the caller numbered them, before any split.
+        labels = self._labels(request, dataset_format, all_rows, given, parent)
         if dataset_format is DatasetFormat.CHAT:
             self._check_chat_template(request.chat_template, rows[0]["messages"])
         spec = dataclasses.replace(
@@ -363,7 +366,6 @@ class JobManager:
                 self._finish(job, JobState.CANCELLED, None)
             else:  # shutting down: it resumes from its checkpoint after the restart
                 log.info("job %s stopped by shutdown; it will run again", job.id)
-                self._store.add_loss_points(job.id, curve)
                 with self._cond:
                     job.state, job.started_at, job.progress = JobState.QUEUED, None, Progress()
                     job.attempts -= 1
@@ -385,6 +387,8 @@ class JobManager:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if curve:  # the steps since the last write, whatever ended the run
+                self._store.add_loss_points(job.id, curve)
 
     def loss_curve(self, job_id: str) -> list[LossPoint]:
         self.get(job_id)  # NotFound for an unknown job
@@ -479,7 +483,10 @@ class JobManager:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             try:
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                # As transformers compiles chat templates (loop controls included).
+                env = ImmutableSandboxedEnvironment(
+                    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+                )
                 env.from_string(template).render(
                     messages=messages, add_generation_prompt=False, bos_token="", eos_token=""
                 )
@@ -519,12 +526,16 @@ class JobManager:
                 f"labels: need at least two distinct labels, got {list(labels)}", field="labels"
             )
         known = set(labels)
-        for split, split_rows in (("dataset", rows), ("validation", validation)):
+        train_prefix = "dataset.path" if request.dataset_path is not None else "dataset.inline.rows"
+        val_prefix = (
+            "validation.path" if request.validation_path is not None else "validation.inline.rows"
+        )
+        for prefix, split_rows in ((train_prefix, rows), (val_prefix, validation)):
             for index, row in enumerate(split_rows):
                 if row["label"] not in known:
                     raise InvalidArgument(
-                        f"{split} row {index}: label {row['label']!r} is not one of {list(labels)}",
-                        field=f"{split}.rows[{index}].label",
+                        f"{prefix}[{index}].label: {row['label']!r} is not one of {list(labels)}",
+                        field=f"{prefix}[{index}].label",
                         row=index,
                     )
         return labels

@@ -7,6 +7,8 @@ reports. On a CPU or an unknown GPU it is not reported."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, SXM parts where there are two).
@@ -23,9 +25,9 @@ PEAK_BF16_TFLOPS = {
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    words = set(re.split(r"[\s-]+", torch.cuda.get_device_name(device)))
     for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
+        if key in words:  # whole words: an "L40" is not an "L4"
             return tflops * 1e12
     return None
 
