@@ -165,8 +165,8 @@ def train_lora(
             )
         return [examples[i] for i in plans[epoch][position]]
 
-    def stop() -> None:
-        if checkpoint_dir is not None and progress.step > progress.resumed_from_step:
+    def write_checkpoint() -> None:
+        if checkpoint_dir is not None:
             save_checkpoint(
                 checkpoint_dir,
                 model=peft_model,
@@ -174,6 +174,10 @@ def train_lora(
                 scheduler=scheduler,
                 progress=progress,
             )
+
+    def stop() -> None:
+        if progress.step > progress.resumed_from_step:  # resume here, not at the last save
+            write_checkpoint()
         raise StopTraining
 
     # --- Train.
@@ -226,18 +230,8 @@ def train_lora(
                     peft_model, eval_examples, pad_id=pad_id, batch_size=tr.batch_size
                 )
             progress.eval_step = progress.step
-        if (
-            checkpoint_dir is not None
-            and progress.step % checkpoint_every == 0
-            and progress.step < total_steps
-        ):
-            save_checkpoint(
-                checkpoint_dir,
-                model=peft_model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                progress=progress,
-            )
+        if progress.step % checkpoint_every == 0 and progress.step < total_steps:
+            write_checkpoint()
         on_progress(progress)
 
     # --- Save: PEFT safetensors, the adapter only; samples on held-out prompts.
