@@ -53,7 +53,7 @@ from tuneserve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
 
-PERSIST_EVERY_S = 1.0
+PERSIST_EVERY_S = 1.0  # the job row; loss points are written every step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,27 +298,25 @@ class JobManager:
         job_id_var.set(job.id)
         staging = self._registry.staging_dir()
         last_persist = 0.0
-        curve: list[LossPoint] = []
 
         def on_progress(progress: Progress) -> None:
             nonlocal last_persist
             evaluated = progress.eval_step == progress.step
-            curve.append(
-                LossPoint(
-                    step=progress.step,
-                    epoch=progress.epoch,
-                    loss=progress.loss,
-                    eval_loss=progress.eval_loss if evaluated else None,
-                )
+            # Every point is written at once: a run resumed from a checkpoint continues the
+            # curve from there, so no step before a checkpoint may exist only in memory.
+            point = LossPoint(
+                step=progress.step,
+                epoch=progress.epoch,
+                loss=progress.loss,
+                eval_loss=progress.eval_loss if evaluated else None,
             )
+            self._store.add_loss_points(job.id, [point])
             with self._cond:
                 job.progress = dataclasses.replace(progress)
                 now = time.monotonic()
                 if now - last_persist >= PERSIST_EVERY_S or progress.step == progress.total_steps:
                     last_persist = now
                     self._store.update(job)
-                    self._store.add_loss_points(job.id, curve)
-                    curve.clear()
 
         def should_stop() -> bool:
             return self._cancel_running or self._stopping
@@ -387,8 +385,6 @@ class JobManager:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if curve:  # the steps since the last write, whatever ended the run
-                self._store.add_loss_points(job.id, curve)
 
     def loss_curve(self, job_id: str) -> list[LossPoint]:
         self.get(job_id)  # NotFound for an unknown job

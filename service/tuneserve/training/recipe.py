@@ -230,9 +230,9 @@ def train_lora(
                     peft_model, eval_examples, pad_id=pad_id, batch_size=tr.batch_size
                 )
             progress.eval_step = progress.step
+        on_progress(progress)  # before the checkpoint: a resumed run never skips a report
         if progress.step % checkpoint_every == 0 and progress.step < total_steps:
             write_checkpoint()
-        on_progress(progress)
 
     # --- Save: PEFT safetensors, the adapter only; samples on held-out prompts.
     peft_model.save_pretrained(str(output_dir), safe_serialization=True)
