@@ -52,6 +52,10 @@ class ServerConfig:
     max_new_tokens: int = _opt(2048, "Largest max_new_tokens Generate accepts.")
     default_max_new_tokens: int = _opt(64, "max_new_tokens when a request leaves it unset.")
     max_loaded_adapters: int = _opt(8, "Adapters kept loaded in memory (least recently used go).")
+    max_batch_size: int = _opt(32, "Generation requests decoded together in one batch.")
+    max_queued_requests: int = _opt(
+        256, "Generation requests waiting for a batch slot; past it, RESOURCE_EXHAUSTED."
+    )
     max_job_attempts: int = _opt(
         3, "Starts a job gets across restarts before an interrupted job is marked FAILED."
     )
@@ -106,6 +110,8 @@ class ServerConfig:
             "max_loaded_adapters",
             "max_job_attempts",
             "max_message_bytes",
+            "max_batch_size",
+            "max_queued_requests",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")

@@ -47,7 +47,13 @@ class FailedPrecondition(TuneserveError):
 
 
 class ResourceExhausted(TuneserveError):
+    """A bounded queue is full; `retry_after_s` hints when to try again."""
+
     reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TuneserveError):

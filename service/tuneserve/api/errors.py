@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -45,7 +45,9 @@ def to_status(error: errors.TuneserveError) -> grpc.Status:
     metadata = {"field": error.field} if error.field else {}
     if error.row is not None:
         metadata["row"] = str(error.row)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
+    details: list[Any] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
+    ]
     problems = getattr(error, "problems", [error])
     violations = [
         error_details_pb2.BadRequest.FieldViolation(field=p.field, description=p.message)
@@ -54,6 +56,10 @@ def to_status(error: errors.TuneserveError) -> grpc.Status:
     ]
     if isinstance(error, errors.InvalidArgument) and violations:
         details.append(error_details_pb2.BadRequest(field_violations=violations))
+    if isinstance(error, errors.ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for d in details:
         a = any_pb2.Any()

@@ -1,0 +1,115 @@
+"""The running batch of a continuous-batching decoder: one KV cache for every row in flight.
+
+Rows are left-padded to a common length. A row that joins is prefilled on its own and its
+cache is merged in (the shorter side gets zero padding on the left, masked out); rows that
+finish are dropped with an index select, and padding that every row shares is trimmed.
+Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
+stay right however much padding sits in front of a row.
+
+Not thread-safe: the scheduler's thread owns it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+T = TypeVar("T")
+
+
+@dataclass
+class Slot(Generic[T]):
+    """One row: who it is for, how much padding is in front of it, what to feed next."""
+
+    owner: T
+    pad: int  # leading cache positions that are padding
+    next_token: int  # the token to feed at the next step
+    position: int  # the position id of next_token: real tokens already in the cache
+
+
+class DecodeBatch(Generic[T]):
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.slots: list[Slot[T]] = []
+        self.length = 0  # cache positions per row, padding included
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def add(self, owner: T, cache: DynamicCache, *, prompt_length: int, next_token: int) -> None:
+        """Merge a prefilled row (a batch-of-one cache of `prompt_length`) into the batch."""
+        slot = Slot(owner=owner, pad=0, next_token=next_token, position=prompt_length)
+        if self.cache is None or not self.slots:
+            self.cache, self.length, self.slots = cache, prompt_length, [slot]
+            return
+        width = max(self.length, prompt_length)
+        layers: list[Any] = list(self.cache.layers)  # DynamicLayer: .keys/.values [B, H, T, D]
+        theirs_layers: list[Any] = list(cache.layers)
+        for mine, theirs in zip(layers, theirs_layers, strict=True):
+            mine.keys = torch.cat(
+                [
+                    _left_pad(mine.keys, width - self.length),
+                    _left_pad(theirs.keys, width - prompt_length),
+                ]
+            )
+            mine.values = torch.cat(
+                [
+                    _left_pad(mine.values, width - self.length),
+                    _left_pad(theirs.values, width - prompt_length),
+                ]
+            )
+        for s in self.slots:
+            s.pad += width - self.length
+        slot.pad = width - prompt_length
+        self.slots.append(slot)
+        self.length = width
+
+    def inputs(self, device: torch.device) -> dict[str, Any]:
+        """Model inputs for one decoding step of every row."""
+        n = len(self.slots)
+        mask = torch.ones((n, self.length + 1), dtype=torch.long)
+        for i, s in enumerate(self.slots):
+            mask[i, : s.pad] = 0
+        return {
+            "input_ids": torch.tensor([[s.next_token] for s in self.slots], device=device),
+            "position_ids": torch.tensor([[s.position] for s in self.slots], device=device),
+            "attention_mask": mask.to(device),
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+
+    def advanced(self, next_tokens: Sequence[int]) -> None:
+        """After a step: the cache grew by one position; each row feeds its new token next."""
+        self.length += 1
+        for s, token in zip(self.slots, next_tokens, strict=True):
+            s.next_token = token
+            s.position += 1
+
+    def remove(self, done: set[int]) -> None:
+        """Drop the rows at these indices and trim padding that every remaining row has."""
+        if not done:
+            return
+        keep = [i for i in range(len(self.slots)) if i not in done]
+        self.slots = [self.slots[i] for i in keep]
+        if not self.slots:
+            self.cache, self.length = None, 0
+            return
+        assert self.cache is not None
+        layers: list[Any] = list(self.cache.layers)
+        index = torch.tensor(keep, device=layers[0].keys.device)
+        shared = min(s.pad for s in self.slots)
+        for layer in layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, shared:]
+            layer.values = layer.values.index_select(0, index)[:, :, shared:]
+        for s in self.slots:
+            s.pad -= shared
+        self.length -= shared
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)

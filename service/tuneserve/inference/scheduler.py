@@ -1,0 +1,301 @@
+"""Continuous batching: every running request advances one token per forward pass, all of
+them in one batch whatever adapter each uses (peft mixed-adapter batches, the base model as
+"__base__"), and new requests join between steps instead of waiting for the batch to drain.
+
+Policy, in the order the loop applies it each step:
+1. Adapter commands (load, pin, unload) run between steps, never during one.
+2. Admission: waiting requests are taken first come, first served, up to `max_batch_size`
+   running; one whose adapter cannot be loaded yet (every cache slot busy or pinned) is
+   skipped for now, and the ones behind it may go first. Each admitted request is prefilled
+   alone (its own adapter) and merged into the batch.
+3. One decoding step for the whole batch; each row samples with its own parameters and
+   seeded generator, its text is streamed at once, and rows that finished, were cancelled
+   or whose caller went away leave the batch and free their memory.
+The waiting queue is bounded: past `max_queue` a request is refused (RESOURCE_EXHAUSTED with
+a retry hint) rather than queued without end.
+
+One thread owns the model: `submit` and `call` may be called from any thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedTokenizerBase as Tokenizer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tuneserve.errors import ResourceExhausted, TuneserveError
+from tuneserve.inference.adapters import AdapterCache
+from tuneserve.inference.batch import DecodeBatch
+from tuneserve.inference.detokenize import IncrementalDecoder
+from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation, from submission to its last chunk (put on `out`)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter_id: str = ""
+    out: queue.SimpleQueue[GenerationChunk | BaseException] = field(
+        default_factory=queue.SimpleQueue
+    )
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+    # Decoding state, owned by the scheduler thread.
+    history: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    decoder: IncrementalDecoder | None = None
+    generator: torch.Generator | None = None
+    processors: LogitsProcessorList | None = None
+
+
+@dataclass
+class SchedulerStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    tokens: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        adapters: AdapterCache,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        max_batch_size: int,
+        max_queue: int,
+    ) -> None:
+        self._adapters = adapters
+        self._tokenizer = tokenizer
+        self._device = device
+        self._max_batch = max_batch_size
+        self._max_queue = max_queue
+        self._eos = tokenizer.eos_token_id
+        self._waiting: deque[Request] = deque()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._batch: DecodeBatch[Request] = DecodeBatch()
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(10)
+
+    @property
+    def busy(self) -> bool:
+        """Requests are running or waiting: the trainer yields the device (see jobs)."""
+        return bool(self.stats.running or self.stats.waiting)
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if len(self._waiting) >= self._max_queue:
+                raise ResourceExhausted(
+                    f"{len(self._waiting)} requests are waiting; retry shortly",
+                    retry_after_s=1.0,
+                )
+            self._waiting.append(request)
+            self.stats.waiting = len(self._waiting)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], R]) -> R:
+        """Run `fn` on the scheduler thread between steps (it owns the model) and wait."""
+        future: Future[R] = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future.result(timeout=300)
+
+    # --- the loop
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._run_commands()
+            self._admit()
+            if not self._batch:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a failed step fails its rows, not the server
+                log.exception("decoding step failed")
+                for slot in self._batch.slots:
+                    self._end(slot.owner, error=e)
+                self._batch = DecodeBatch()
+            self.stats.running = len(self._batch)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+    def _admit(self) -> None:
+        with self._lock:
+            candidates = list(self._waiting)
+        for request in candidates:
+            if len(self._batch) >= self._max_batch:
+                break
+            if request.cancelled.is_set():
+                self._dequeue(request)
+                request.out.put(self._chunk(request, "", FinishReason.CANCELLED))
+                continue
+            try:
+                if not self._adapters.ensure(request.adapter_id):
+                    continue  # every slot busy: it waits, the ones behind may go first
+            except TuneserveError as e:
+                self._dequeue(request)
+                request.out.put(e)
+                continue
+            self._dequeue(request)
+            self._adapters.acquire(request.adapter_id)
+            try:
+                self._prefill(request)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._end(request, error=e)
+
+    def _dequeue(self, request: Request) -> None:
+        with self._lock:
+            self._waiting.remove(request)
+            self.stats.waiting = len(self._waiting)
+
+    @torch.inference_mode()
+    def _prefill(self, request: Request) -> None:
+        p = request.params
+        assert p.seed is not None
+        request.history = list(request.prompt_ids)
+        request.decoder = IncrementalDecoder(self._tokenizer, p.stop)
+        request.generator = torch.Generator(device=self._device).manual_seed(p.seed)
+        request.processors = _processors(p)
+        ids = torch.tensor([request.prompt_ids], device=self._device)
+        out = self._forward(input_ids=ids, use_cache=True, adapters=[request.adapter_id])
+        token = self._sample(request, out.logits[0, -1])
+        if not self._emit(request, token):
+            self._batch.add(
+                request, out.past_key_values, prompt_length=ids.shape[1], next_token=token
+            )
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        slots = self._batch.slots
+        inputs = self._batch.inputs(self._device)
+        logits = self._forward(**inputs, adapters=[s.owner.adapter_id for s in slots]).logits
+        tokens = [self._sample(s.owner, logits[i, -1]) for i, s in enumerate(slots)]
+        self._batch.advanced(tokens)
+        done = set()
+        for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+            request = slot.owner
+            if request.cancelled.is_set():
+                self._finish(request, "", FinishReason.CANCELLED)
+                done.add(i)
+            elif self._emit(request, token):
+                done.add(i)
+        self._batch.remove(done)
+        self.stats.steps += 1
+        self.stats.tokens += len(slots)
+
+    def _forward(self, *, adapters: list[str], **inputs: Any) -> Any:
+        names = self._adapters.names(adapters)
+        if names is not None:
+            inputs["adapter_names"] = names
+        return self._adapters.model(**inputs)
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> int:
+        assert request.processors is not None
+        history = torch.tensor([request.history], device=logits.device)
+        scores = request.processors(history, logits[None].float())  # type: ignore[arg-type]
+        if request.params.is_greedy:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Stream what `token` adds; True when the request has finished."""
+        assert request.decoder is not None
+        if token == self._eos:
+            self._finish(request, request.decoder.flush(), FinishReason.EOS)
+            return True
+        request.generated.append(token)
+        request.history.append(token)
+        delta, stopped = request.decoder.push(request.generated)
+        if stopped:
+            self._finish(request, delta, FinishReason.STOP_SEQUENCE)
+            return True
+        if len(request.generated) >= request.params.max_new_tokens:
+            self._finish(request, delta + request.decoder.flush(), FinishReason.LENGTH)
+            return True
+        if delta:
+            request.out.put(self._chunk(request, delta, None))
+        return False
+
+    def _finish(self, request: Request, text: str, reason: FinishReason) -> None:
+        request.out.put(self._chunk(request, text, reason))
+        self._adapters.release(request.adapter_id)
+
+    def _end(self, request: Request, *, error: BaseException) -> None:
+        request.out.put(error)
+        self._adapters.release(request.adapter_id)
+
+    @staticmethod
+    def _chunk(request: Request, text: str, reason: FinishReason | None) -> GenerationChunk:
+        return GenerationChunk(
+            text=text,
+            generated_tokens=len(request.generated),
+            prompt_tokens=len(request.prompt_ids),
+            seed=request.params.seed or 0,
+            finish_reason=reason,
+        )
+
+
+def _processors(params: SamplingParams) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+    if not params.is_greedy:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
