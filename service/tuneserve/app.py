@@ -18,6 +18,7 @@ import grpc
 from tuneserve.api.server import Health, create_server
 from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
+from tuneserve.coserving import DevicePolicy
 from tuneserve.inference.engine import Engine
 from tuneserve.jobs.manager import JobManager, Limits
 from tuneserve.jobs.store import SQLiteJobStore
@@ -40,6 +41,7 @@ def build_services(config: ServerConfig) -> Services:
     store = SQLiteJobStore(config.db_path)
     registry = AdapterRegistry(config.adapters_dir)
     engine = Engine(config=config, registry=registry)
+    policy = DevicePolicy(generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s)
     jobs = JobManager(
         store=store,
         registry=registry,
@@ -56,6 +58,7 @@ def build_services(config: ServerConfig) -> Services:
         on_adapter_registered=lambda info: engine.drop_adapter(info.id),
         checkpoints_dir=config.checkpoints_dir,
         base_chat_template=lambda: getattr(engine.tokenizer, "chat_template", None),
+        before_training_step=policy.before_training_step,
     )
     return Services(config=config, store=store, registry=registry, engine=engine, jobs=jobs)
 

@@ -148,9 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("adapters", help="list, show or delete adapters")
-    p.add_argument("action", nargs="?", choices=["list", "get", "delete"], default="list")
+    p = sub.add_parser("adapters", help="list, show, delete, load, pin, unload or import adapters")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "get", "delete", "load", "pin", "unload", "import"],
+        default="list",
+    )
     p.add_argument("adapter_id", nargs="?")
+    p.add_argument("--path", help="import: the PEFT adapter directory on the server")
     p.set_defaults(func=_adapters)
     return parser
 
@@ -363,8 +369,9 @@ def _adapters(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
             for a in client.list_adapters():
+                state = " pinned" if a.pinned else " loaded" if a.loaded else ""
                 print(
-                    f"{a.id}  base={a.base_model}  r={a.lora.r}  steps={a.steps}  "
+                    f"{a.id}{state}  base={a.base_model}  r={a.lora.r}  steps={a.steps}  "
                     f"loss={a.final_loss:.4f}  {a.size_bytes / 1024:.0f} KiB  job={a.source_job_id}"
                 )
             return 0
@@ -373,6 +380,17 @@ def _adapters(args: argparse.Namespace) -> int:
             return 2
         if args.action == "get":
             print(json_format.MessageToJson(client.get_adapter(args.adapter_id)))
+        elif args.action in ("load", "pin"):
+            a = client.load_adapter(args.adapter_id, pin=args.action == "pin")
+            print(f"adapter {a.id} loaded{' and pinned' if a.pinned else ''}")
+        elif args.action == "unload":
+            client.unload_adapter(args.adapter_id)
+            print(f"adapter {args.adapter_id} unloaded")
+        elif args.action == "import":
+            a = client.import_adapter(args.path or "", args.adapter_id)
+            print(
+                f"adapter {a.id} imported: r={a.lora.r} targets={','.join(a.lora.target_modules)}"
+            )
         else:
             client.delete_adapter(args.adapter_id)
             print(f"adapter {args.adapter_id} deleted")

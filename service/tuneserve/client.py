@@ -35,24 +35,29 @@ class ClientError(Exception):
         field: str = "",
         row: int | None = None,
         violations: list[tuple[str, str]] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.reason = code, message, reason
         self.field, self.row, self.violations = field, row, violations or []
+        self.retry_after_s = retry_after_s  # the server's hint, with RESOURCE_EXHAUSTED
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
         call: Any = error
         status = rpc_status.from_call(call)
-        reason, field, row, violations = "", "", None, []
+        reason, field, row, violations, retry = "", "", None, [], None
         for detail in status.details if status else []:
             info = error_details_pb2.ErrorInfo()
             bad = error_details_pb2.BadRequest()
+            retry_info = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 reason, field = info.reason, info.metadata.get("field", "")
                 row = int(info.metadata["row"]) if "row" in info.metadata else None
             elif detail.Unpack(bad):
                 violations = [(v.field, v.description) for v in bad.field_violations]
+            elif detail.Unpack(retry_info):
+                retry = retry_info.retry_delay.ToNanoseconds() / 1e9
         return cls(
             call.code(),
             call.details() or "",
@@ -60,6 +65,7 @@ class ClientError(Exception):
             field=field,
             row=row,
             violations=violations,
+            retry_after_s=retry,
         )
 
 
@@ -188,6 +194,18 @@ class TuneserveClient:
         return self._call(
             self._stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id)
         ).adapter
+
+    def load_adapter(self, adapter_id: str, *, pin: bool = False) -> pb.Adapter:
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin)
+        return self._call(self._stub.LoadAdapter, request, timeout=None).adapter
+
+    def unload_adapter(self, adapter_id: str) -> pb.Adapter:
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
+        return self._call(self._stub.UnloadAdapter, request).adapter
+
+    def import_adapter(self, path: str, adapter_id: str) -> pb.Adapter:
+        request = pb.ImportAdapterRequest(path=path, adapter_id=adapter_id)
+        return self._call(self._stub.ImportAdapter, request, timeout=None).adapter
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id))

@@ -45,6 +45,17 @@ class ServerConfig:
         "environment, separate with ':'). Empty: only inline datasets.",
         multiple=True,
     )
+    adapter_import_roots: tuple[Path, ...] = _opt(
+        (),
+        "Directories ImportAdapter may read PEFT adapters from (repeat the flag; in the "
+        "environment, separate with ':'). Empty: no imports.",
+        multiple=True,
+    )
+    training_yield_s: float = _opt(
+        0.2,
+        "Co-serving: before each training step, wait up to this long while generation "
+        "requests are running or waiting (0: no yielding).",
+    )
     grace_period_s: float = _opt(10.0, "On SIGTERM, seconds in-flight calls get to finish.")
     max_dataset_rows: int = _opt(100_000, "Most rows a dataset may have.")
     max_dataset_bytes: int = _opt(256 * 1024 * 1024, "Largest dataset file or request, in bytes.")
@@ -98,9 +109,12 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             bad("listen", f"{self.listen!r} is not host:port")
-        for root in self.dataset_roots:
-            if not root.is_dir():
-                bad("dataset_roots", f"{root} is not a directory")
+        for name in ("dataset_roots", "adapter_import_roots"):
+            for root in getattr(self, name):
+                if not root.is_dir():
+                    bad(name, f"{root} is not a directory")
+        if self.training_yield_s < 0:
+            bad("training_yield_s", "must not be negative")
         for name in (
             "max_dataset_rows",
             "max_dataset_bytes",
@@ -128,6 +142,7 @@ class ServerConfig:
             self,
             data_dir=self.data_dir.resolve(),
             dataset_roots=tuple(r.resolve() for r in self.dataset_roots),
+            adapter_import_roots=tuple(r.resolve() for r in self.adapter_import_roots),
             log_level=self.log_level.upper(),
         )
 

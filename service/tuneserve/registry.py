@@ -41,6 +41,7 @@ class AdapterInfo:
     eval_loss: float | None = None
     task: str = "causal_lm"
     labels: tuple[str, ...] = ()
+    use_dora: bool = False
 
 
 class AdapterRegistry:

@@ -184,7 +184,7 @@ def job_state(state: int) -> JobState | None:
     return _STATES_BACK[state]  # type: ignore[index]
 
 
-def adapter(a: AdapterInfo) -> pb.Adapter:
+def adapter(a: AdapterInfo, *, loaded: bool = False, pinned: bool = False) -> pb.Adapter:
     return pb.Adapter(
         id=a.id,
         base_model=a.base_model,
@@ -201,6 +201,8 @@ def adapter(a: AdapterInfo) -> pb.Adapter:
         eval_loss=a.eval_loss or 0.0,
         task=_TASKS[Task(a.task)],
         labels=list(a.labels),
+        loaded=loaded,
+        pinned=pinned,
     )
 
 

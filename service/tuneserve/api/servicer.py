@@ -16,7 +16,7 @@ from tuneserve.api.threads import iterate_in_thread
 from tuneserve.errors import InvalidArgument, Unavailable
 from tuneserve.inference.params import GenerationChunk, GenerationRequest
 from tuneserve.jobs.manager import JobManager
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import AdapterInfo, AdapterRegistry
 from tuneserve.v1 import tuneserve_pb2 as pb
 from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 
@@ -39,6 +39,16 @@ class Generator(Protocol):
     def drop_adapter(self, adapter_id: str) -> None: ...
 
     def classify(self, adapter_id: str, texts: list[str]) -> list[list[tuple[str, float]]]: ...
+
+    def load_adapter(self, adapter_id: str, *, pin: bool) -> Any: ...
+
+    def unload_adapter(self, adapter_id: str) -> Any: ...
+
+    def import_adapter(self, path: str, adapter_id: str) -> AdapterInfo: ...
+
+    def adapter_state(self) -> Any:
+        """Has `loaded` (ids) and `pinned` (ids)."""
+        ...
 
 
 class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
@@ -96,14 +106,42 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         self, request: pb.ListAdaptersRequest, context: Context
     ) -> pb.ListAdaptersResponse:
         adapters = await asyncio.to_thread(self._registry.list)
-        return pb.ListAdaptersResponse(adapters=[convert.adapter(a) for a in adapters])
+        return pb.ListAdaptersResponse(adapters=[self._adapter(a) for a in adapters])
 
     @unary
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: Context
     ) -> pb.GetAdapterResponse:
         info = await asyncio.to_thread(self._registry.get, request.adapter_id)
-        return pb.GetAdapterResponse(adapter=convert.adapter(info))
+        return pb.GetAdapterResponse(adapter=self._adapter(info))
+
+    @unary
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: Context
+    ) -> pb.LoadAdapterResponse:
+        self._require_ready()
+        await asyncio.to_thread(self._engine.load_adapter, request.adapter_id, pin=request.pin)
+        info = await asyncio.to_thread(self._registry.get, request.adapter_id)
+        return pb.LoadAdapterResponse(adapter=self._adapter(info))
+
+    @unary
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: Context
+    ) -> pb.UnloadAdapterResponse:
+        self._require_ready()
+        info = await asyncio.to_thread(self._registry.get, request.adapter_id)
+        await asyncio.to_thread(self._engine.unload_adapter, request.adapter_id)
+        return pb.UnloadAdapterResponse(adapter=self._adapter(info))
+
+    @unary
+    async def ImportAdapter(
+        self, request: pb.ImportAdapterRequest, context: Context
+    ) -> pb.ImportAdapterResponse:
+        self._require_ready()
+        info = await asyncio.to_thread(
+            self._engine.import_adapter, request.path, request.adapter_id
+        )
+        return pb.ImportAdapterResponse(adapter=self._adapter(info))
 
     @unary
     async def DeleteAdapter(
@@ -153,6 +191,14 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         return iterate_in_thread(
             lambda is_cancelled: self._engine.generate(domain, is_cancelled=is_cancelled),
             executor=self._generation_pool,
+        )
+
+    def _adapter(self, info: AdapterInfo) -> pb.Adapter:
+        state = self._engine.adapter_state() if self._engine.ready else None
+        return convert.adapter(
+            info,
+            loaded=state is not None and info.id in state.loaded,
+            pinned=state is not None and info.id in state.pinned,
         )
 
     def _require_ready(self) -> None:

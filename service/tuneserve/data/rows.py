@@ -19,16 +19,29 @@ ROLES = ("system", "user", "assistant")
 
 def resolve_dataset_path(path: str, roots: Sequence[Path], *, field: str = "dataset.path") -> Path:
     """The real path of `path` if it lies under one of `roots`; symlinks cannot escape."""
+    return resolve_under_roots(path, roots, field=field, what="dataset", flag="--dataset-roots")
+
+
+def resolve_under_roots(
+    path: str,
+    roots: Sequence[Path],
+    *,
+    field: str,
+    what: str,
+    flag: str,
+    directory: bool = False,
+) -> Path:
+    """The real path of `path` if it lies under one of `roots`; symlinks cannot escape."""
     if not roots:
         raise InvalidArgument(
-            f"{field}: this server reads no dataset files (start it with --dataset-roots)",
-            field=field,
+            f"{field}: this server reads no {what} files (start it with {flag})", field=field
         )
     real = Path(os.path.realpath(path))
     if not any(real.is_relative_to(root) for root in roots):
-        raise InvalidArgument(f"{field}: {path} is outside the allowed dataset roots", field=field)
-    if not real.is_file():
-        raise InvalidArgument(f"{field}: {path} is not a file", field=field)
+        raise InvalidArgument(f"{field}: {path} is outside the allowed {what} roots", field=field)
+    if not (real.is_dir() if directory else real.is_file()):
+        kind = "directory" if directory else "file"
+        raise InvalidArgument(f"{field}: {path} is not a {kind}", field=field)
     return real
 
 

@@ -10,14 +10,17 @@ Not thread-safe: only the scheduler's thread calls it (it owns the model)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from tuneserve.errors import FailedPrecondition
+from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.jobs.model import Task
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
@@ -57,7 +60,12 @@ class AdapterCache:
             self._loaded.move_to_end(adapter_id)
             return True
         if len(self._loaded) >= self._capacity and self._victim() is None:
-            return False
+            if all(name in self._pinned and not self._in_use[name] for name in self._loaded):
+                raise FailedPrecondition(
+                    f"all {self._capacity} adapter slots are pinned; unload one first",
+                    field="adapter_id",
+                )
+            return False  # slots busy with running requests: wait for one to finish
         self._load(adapter_id)
         while len(self._loaded) > self._capacity:
             victim = self._victim()
@@ -136,9 +144,81 @@ def check_servable(info: AdapterInfo, base_model: str, path: Path | None = None)
         raise FailedPrecondition(
             f"adapter {info.id!r} is a classifier; use Classify", field="adapter_id"
         )
+    if info.use_dora:
+        raise FailedPrecondition(
+            f"adapter {info.id!r} uses DoRA, which peft cannot batch with other adapters; "
+            "serve a LoRA adapter (train without use_dora)",
+            field="adapter_id",
+        )
     if info.base_model != base_model:
         raise FailedPrecondition(
             f"adapter {info.id!r} was trained on {info.base_model}, "
             f"but this server serves {base_model}",
             field="adapter_id",
         )
+
+
+def check_lora_fits(model: PreTrainedModel | PeftModel, weights: Path) -> None:
+    """Every LoRA matrix in `weights` matches the shape of the base layer it adapts: the
+    check an imported adapter must pass, done on shapes alone so the model is untouched."""
+    from safetensors import safe_open
+
+    modules = dict(_base_modules(model))
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            if module is None:
+                raise FailedPrecondition(
+                    f"path: the adapter adapts {name!r}, which the base model does not have",
+                    field="path",
+                )
+            in_features, out_features = _features(module)
+            shape = tuple(f.get_slice(key).get_shape())
+            fits = shape[1] == in_features if ".lora_A." in key else shape[0] == out_features
+            if not fits:
+                raise FailedPrecondition(
+                    f"path: {key} has shape {list(shape)}, which does not fit {name!r} of the "
+                    f"base model ({in_features} in, {out_features} out)",
+                    field="path",
+                )
+
+
+def _base_modules(model: PreTrainedModel | PeftModel) -> Iterator[tuple[str, Any]]:
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    for name, module in root.named_modules():
+        yield name, getattr(module, "base_layer", module)
+
+
+def _features(module: Any) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    rows, cols = module.weight.shape  # transformers' Conv1D (GPT-2) stores [in, out]
+    return int(rows), int(cols)
+
+
+def read_lora_config(directory: Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter for text generation, or InvalidArgument."""
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise InvalidArgument("path: no readable adapter_config.json there", field="path") from None
+    if config.get("peft_type") != "LORA":
+        raise InvalidArgument(
+            f"path: a {config.get('peft_type')} adapter; only LORA adapters are served",
+            field="path",
+        )
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise InvalidArgument(
+            f"path: task_type {config.get('task_type')}; only CAUSAL_LM adapters are imported",
+            field="path",
+        )
+    if config.get("use_dora"):
+        raise InvalidArgument(
+            "path: DoRA adapters cannot be batched; import a LoRA one", field="path"
+        )
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise InvalidArgument("path: adapter_config.json has no rank r", field="path")
+    return dict(config)

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from tuneserve.config import ServerConfig
-from tuneserve.errors import InvalidArgument, NotFound, Unavailable
-from tuneserve.inference.adapters import AdapterCache, check_servable
+from tuneserve.data.rows import resolve_under_roots
+from tuneserve.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from tuneserve.inference.adapters import (
+    AdapterCache,
+    check_lora_fits,
+    check_servable,
+    read_lora_config,
+)
 from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.params import (
     GenerationChunk,
@@ -23,7 +30,7 @@ from tuneserve.inference.params import (
     SamplingParams,
     resolve_params,
 )
-from tuneserve.inference.scheduler import Request, Scheduler
+from tuneserve.inference.scheduler import Request, Scheduler, SchedulerStats
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
     load_model,
@@ -32,7 +39,7 @@ from tuneserve.models import (
     resolve_device,
     resolve_dtype,
 )
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,10 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self._scheduler is not None
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self._scheduler.stats if self._scheduler is not None else SchedulerStats()
 
     @property
     def busy(self) -> bool:
@@ -164,6 +175,47 @@ class Engine:
 
         self._call(command)
         return self.adapter_state()
+
+    def import_adapter(self, path: str, adapter_id: str) -> AdapterInfo:
+        """Register a PEFT LoRA adapter directory from an import root, once it is shown to
+        fit the base model. Only safetensors weights are read (never pickles)."""
+        check_adapter_id(adapter_id)
+        if self._registry.exists(adapter_id):
+            raise AlreadyExists(f"adapter {adapter_id!r} already exists", field="adapter_id")
+        source = resolve_under_roots(
+            path,
+            self._config.adapter_import_roots,
+            field="path",
+            what="adapter",
+            flag="--adapter-import-roots",
+            directory=True,
+        )
+        config = read_lora_config(source)
+        weights = source / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise InvalidArgument(
+                "path: no adapter_model.safetensors there (pickled .bin weights are refused)",
+                field="path",
+            )
+        adapters = self._require_adapters()
+        self._call(lambda: check_lora_fits(adapters.model, weights))
+        staging = self._registry.staging_dir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(source / name, staging / name)
+        targets = config.get("target_modules") or ()
+        info = AdapterInfo(
+            id=adapter_id,
+            base_model=self._config.base_model,
+            r=int(config["r"]),
+            alpha=float(config.get("lora_alpha", config["r"])),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
+            source_job_id="",
+            final_loss=0.0,
+            steps=0,
+            trained_tokens=0,
+        )
+        return self._registry.register(staging, info)
 
     def drop_adapter(self, adapter_id: str) -> None:
         """Forget an adapter that was deleted or replaced on disk."""

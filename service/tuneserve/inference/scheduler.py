@@ -77,6 +77,7 @@ class SchedulerStats:
     waiting: int = 0
     steps: int = 0
     tokens: int = 0
+    peak_running: int = 0  # the largest batch so far
 
 
 class Scheduler:
@@ -155,6 +156,7 @@ class Scheduler:
                     self._end(slot.owner, error=e)
                 self._batch = DecodeBatch()
             self.stats.running = len(self._batch)
+            self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
 
     def _run_commands(self) -> None:
         while True:
@@ -228,6 +230,7 @@ class Scheduler:
                 done.add(i)
             elif self._emit(request, token):
                 done.add(i)
+        self.stats.peak_running = max(self.stats.peak_running, len(slots))
         self._batch.remove(done)
         self.stats.steps += 1
         self.stats.tokens += len(slots)

@@ -115,6 +115,7 @@ class JobManager:
         on_adapter_registered: Callable[[AdapterInfo], None] = lambda info: None,
         checkpoints_dir: Path | None = None,
         base_chat_template: Callable[[], str | None] = lambda: None,
+        before_training_step: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -125,6 +126,7 @@ class JobManager:
         self._on_registered = on_adapter_registered
         self._checkpoints_dir = checkpoints_dir
         self._base_chat_template = base_chat_template
+        self._before_training_step = before_training_step
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -319,6 +321,9 @@ class JobManager:
                     self._store.update(job)
 
         def should_stop() -> bool:
+            if self._cancel_running or self._stopping:
+                return True
+            self._before_training_step()  # the co-serving policy (tuneserve.coserving)
             return self._cancel_running or self._stopping
 
         from tuneserve.training.recipe import StopTraining  # torch only where jobs run
@@ -354,6 +359,7 @@ class JobManager:
                     eval_loss=result.eval_loss,
                     task=job.spec.task.value,
                     labels=job.spec.labels,
+                    use_dora=job.spec.lora.use_dora,
                 ),
             )
             job.samples = list(result.samples)
