@@ -119,3 +119,34 @@ def test_other_errors_carry_no_bad_request() -> None:
     status = to_status(errors.NotFound("adapter 'x' not found", field="adapter_id"))
     assert bad_request(status) is None
     assert error_info(status).metadata["field"] == "adapter_id"
+
+
+def retry_info(status: grpc.Status) -> error_details_pb2.RetryInfo | None:
+    for d in unpack(status).details:
+        if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            d.Unpack(info)
+            return info
+    return None
+
+
+@pytest.mark.parametrize(
+    ("retry_after_s", "seconds", "nanos"),
+    [(1.0, 1, 0), (2.5, 2, 500_000_000), (0.25, 0, 250_000_000)],
+)
+def test_resource_exhausted_carries_the_retry_delay(
+    retry_after_s: float, seconds: int, nanos: int
+) -> None:
+    status = to_status(errors.ResourceExhausted("queue full", retry_after_s=retry_after_s))
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = retry_info(status)
+    assert info is not None
+    assert (info.retry_delay.seconds, info.retry_delay.nanos) == (seconds, nanos)
+    assert info.retry_delay.ToTimedelta().total_seconds() == retry_after_s
+    assert error_info(status).reason == "RESOURCE_EXHAUSTED"  # still there beside it
+    assert bad_request(status) is None
+
+
+def test_other_errors_carry_no_retry_info() -> None:
+    for error in (errors.Unavailable("loading"), errors.InvalidArgument("x", field="f")):
+        assert retry_info(to_status(error)) is None

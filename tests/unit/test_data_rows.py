@@ -12,6 +12,7 @@ from tuneserve.data.rows import (
     read_jsonl,
     read_snapshot,
     resolve_dataset_path,
+    resolve_under_roots,
     validate_rows,
     write_snapshot,
 )
@@ -375,3 +376,68 @@ def test_snapshot_overwrites_the_previous_one(tmp_path: Path) -> None:
     write_snapshot([{"text": "new"}], path)
     assert read_snapshot(path) == [{"text": "new"}]
     assert json.loads(path.read_text()) == {"text": "new"}
+
+
+# --- resolve_under_roots for directories (adapter imports)
+
+
+def resolve_dir(path: Path | str, roots: list[Path]) -> Path:
+    return resolve_under_roots(
+        str(path),
+        roots,
+        field="path",
+        what="adapter",
+        flag="--adapter-import-roots",
+        directory=True,
+    )
+
+
+def test_a_directory_under_a_root_resolves_to_its_real_path(root: Path) -> None:
+    adapter = root / "team" / "vader"
+    adapter.mkdir(parents=True)
+    assert resolve_dir(adapter, [root]) == adapter
+    assert resolve_dir(f"{root}/team/../team/vader", [root]) == adapter
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "missing"])
+def test_a_file_or_nothing_is_not_a_directory(root: Path, name: str) -> None:
+    (root / "adapter_config.json").write_text("{}")
+    with pytest.raises(InvalidArgument) as info:
+        resolve_dir(root / name, [root])
+    assert info.value.field == "path"
+    assert "is not a directory" in info.value.message
+
+
+def test_a_directory_outside_the_roots_is_refused_naming_what(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(InvalidArgument) as info:
+        resolve_dir(outside, [root])
+    assert info.value.field == "path"
+    assert info.value.message.startswith("path: ")
+    assert "outside the allowed adapter roots" in info.value.message
+
+
+def test_a_symlinked_directory_escaping_the_root_is_refused(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret-adapter"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{}")
+    link = root / "vader"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidArgument, match="outside the allowed adapter roots"):
+        resolve_dir(link, [root])
+
+
+def test_a_symlinked_directory_inside_the_root_resolves_to_its_target(root: Path) -> None:
+    target = root / "adapters" / "vader-v2"
+    target.mkdir(parents=True)
+    (root / "vader").symlink_to(target, target_is_directory=True)
+    assert resolve_dir(root / "vader", [root]) == target
+
+
+def test_no_roots_names_what_and_the_flag(root: Path) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve_dir(root, [])
+    assert info.value.field == "path"
+    assert "reads no adapter files" in info.value.message
+    assert "--adapter-import-roots" in info.value.message

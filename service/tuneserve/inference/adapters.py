@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from tuneserve.registry import AdapterInfo, AdapterRegistry
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+_LORA_KEY = re.compile(r"\.lora_(embedding_)?([AB])(\.|$)")
 
 
 class AdapterCache:
@@ -115,17 +117,34 @@ class AdapterCache:
     def _load(self, adapter_id: str) -> None:
         info = self._registry.get(adapter_id)
         check_servable(info, self._base_model)
-        path = str(self._registry.path(adapter_id))
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=adapter_id, is_trainable=False)
-        else:
-            self.model = PeftModel.from_pretrained(
-                self.model, path, adapter_name=adapter_id, is_trainable=False
-            )
+        directory = self._registry.path(adapter_id)
+        # Shapes first, on the file alone: a misfit never touches the model.
+        check_lora_fits(self.model, directory / "adapter_model.safetensors")
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(directory), adapter_name=adapter_id, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(directory), adapter_name=adapter_id, is_trainable=False
+                )
+        except Exception:
+            self._roll_back(adapter_id)  # peft may have added the layers before failing
+            raise
         self.model.eval()
         self._loaded[adapter_id] = None
         self.loads += 1
         log.info("adapter %s loaded", adapter_id)
+
+    def _roll_back(self, adapter_id: str) -> None:
+        if not isinstance(self.model, PeftModel):
+            return
+        try:
+            if self._loaded:
+                self.model.delete_adapter(adapter_id)
+            else:
+                self.model = self.model.unload()
+        except Exception:
+            log.exception("could not roll back adapter %s", adapter_id)
 
     def _evict(self, adapter_id: str) -> None:
         assert isinstance(self.model, PeftModel)
@@ -166,9 +185,10 @@ def check_lora_fits(model: PreTrainedModel | PeftModel, weights: Path) -> None:
     modules = dict(_base_modules(model))
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            if ".lora_A." not in key and ".lora_B." not in key:
+            match = _LORA_KEY.search(key)
+            if match is None:
                 continue
-            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            name = key[: match.start()].removeprefix("base_model.model.")
             module = modules.get(name)
             if module is None:
                 raise FailedPrecondition(
@@ -177,7 +197,8 @@ def check_lora_fits(model: PreTrainedModel | PeftModel, weights: Path) -> None:
                 )
             in_features, out_features = _features(module)
             shape = tuple(f.get_slice(key).get_shape())
-            fits = shape[1] == in_features if ".lora_A." in key else shape[0] == out_features
+            # A is [r, in] and B [out, r]; for embeddings, in is the vocabulary, out the width.
+            fits = shape[1] == in_features if match.group(2) == "A" else shape[0] == out_features
             if not fits:
                 raise FailedPrecondition(
                     f"path: {key} has shape {list(shape)}, which does not fit {name!r} of the "

@@ -156,10 +156,14 @@ class Engine:
         adapters = self._require_adapters()
 
         def command() -> None:
+            was_pinned = adapter_id in adapters.pinned
             adapters.pin(adapter_id, pin)
-            if not adapters.ensure(adapter_id):
-                adapters.pin(adapter_id, False)
-                raise Unavailable("every adapter slot is in use; retry shortly")
+            try:
+                if not adapters.ensure(adapter_id):
+                    raise Unavailable("every adapter slot is in use; retry shortly")
+            except BaseException:
+                adapters.pin(adapter_id, was_pinned)  # a refused load changes nothing
+                raise
 
         self._call(command)
         return self.adapter_state()

@@ -142,8 +142,11 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._run_commands()
-            self._admit()
+            try:
+                self._run_commands()
+                self._admit()
+            except Exception:  # never let one request end the loop that serves them all
+                log.exception("scheduler error")
             if not self._batch:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
@@ -182,7 +185,9 @@ class Scheduler:
             try:
                 if not self._adapters.ensure(request.adapter_id):
                     continue  # every slot busy: it waits, the ones behind may go first
-            except TuneserveError as e:
+            except Exception as e:  # a bad adapter fails its request, never the loop
+                if not isinstance(e, TuneserveError):
+                    log.exception("adapter %s failed to load", request.adapter_id)
                 self._dequeue(request)
                 request.out.put(e)
                 continue

@@ -1,0 +1,448 @@
+"""tuneserve.inference.adapters: the LRU adapter cache over a real tiny GPT-2 and registry,
+the servability and shape checks, and reading an imported adapter's config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.inference.adapters import (
+    BASE,
+    AdapterCache,
+    check_lora_fits,
+    check_servable,
+    read_lora_config,
+)
+from tuneserve.models import load_model
+from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.tiny_models import tiny_config
+
+CPU = torch.device("cpu")
+IDS = torch.tensor([[5, 17, 42, 99, 7]])
+ADAPTERS = ("a1", "a2", "a3")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: Path, add_adapter: Any
+) -> AdapterRegistry:
+    registry = AdapterRegistry(tmp_path_factory.mktemp("registry"))
+    for seed, adapter_id in enumerate(ADAPTERS, start=1):
+        add_adapter(registry, tiny_gpt2, adapter_id, seed=seed)
+    add_adapter(registry, tiny_gpt2, "classifier", seed=7, task="classification", labels=("n", "p"))
+    add_adapter(registry, tiny_gpt2, "dora", seed=8, use_dora=True)
+    add_adapter(registry, tiny_gpt2, "other-base", seed=9, base_model="org/another-model")
+    return registry
+
+
+def fresh_model(base_dir: Path) -> PreTrainedModel:
+    model = load_model(str(base_dir), device=CPU, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def logits_of(model: Any, **kw: Any) -> torch.Tensor:
+    return model(input_ids=IDS, **kw).logits
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_gpt2: Path, registry: AdapterRegistry) -> dict[str, torch.Tensor]:
+    """Logits of the base model ("") and of each adapter loaded alone with plain peft."""
+    out = {"": logits_of(fresh_model(tiny_gpt2))}
+    for adapter_id in ADAPTERS:
+        peft = PeftModel.from_pretrained(fresh_model(tiny_gpt2), str(registry.path(adapter_id)))
+        out[adapter_id] = logits_of(peft.eval())
+    for a in ADAPTERS:  # every adapter changes the output, each differently
+        assert not torch.allclose(out[a], out[""])
+    assert not torch.allclose(out["a1"], out["a2"])
+    return out
+
+
+@pytest.fixture()
+def cache(tiny_gpt2: Path, registry: AdapterRegistry) -> AdapterCache:
+    return AdapterCache(
+        model=fresh_model(tiny_gpt2), registry=registry, base_model=str(tiny_gpt2), capacity=2
+    )
+
+
+def assert_serves(cache: AdapterCache, expected: dict[str, torch.Tensor], *ids: str) -> None:
+    """One mixed batch, one row per adapter id ("" the base), each as if alone."""
+    names = cache.names(list(ids))
+    batch = IDS.expand(len(ids), -1)
+    kw = {"adapter_names": names} if names is not None else {}
+    with torch.inference_mode():
+        logits = cache.model(input_ids=batch, **kw).logits
+    for row, adapter_id in enumerate(ids):
+        torch.testing.assert_close(logits[row : row + 1], expected[adapter_id])
+
+
+def loaded_in_model(cache: AdapterCache) -> set[str]:
+    return set(cache.model.peft_config) if isinstance(cache.model, PeftModel) else set()
+
+
+# --- the LRU cache
+
+
+def test_loading_past_capacity_evicts_the_least_recently_used(
+    cache: AdapterCache, expected: dict[str, torch.Tensor]
+) -> None:
+    assert cache.ensure("a1") and cache.ensure("a2")
+    assert cache.loaded == ["a1", "a2"]
+    assert cache.ensure("a3")
+    assert cache.loaded == ["a2", "a3"]
+    assert loaded_in_model(cache) == {"a2", "a3"}  # a1's weights are gone from the model
+    assert (cache.loads, cache.evictions) == (3, 1)
+    assert_serves(cache, expected, "a3", "", "a2")
+
+
+def test_a_hit_touches_the_entry_so_another_is_evicted(
+    cache: AdapterCache, expected: dict[str, torch.Tensor]
+) -> None:
+    cache.ensure("a1")
+    cache.ensure("a2")
+    assert cache.ensure("a1")  # a hit: nothing loaded, a1 is now the most recently used
+    assert cache.loads == 2
+    assert cache.loaded == ["a2", "a1"]
+    cache.ensure("a3")
+    assert cache.loaded == ["a1", "a3"]
+    assert loaded_in_model(cache) == {"a1", "a3"}
+    assert_serves(cache, expected, "a1", "a3")
+
+
+def test_adapters_in_use_are_never_evicted(
+    cache: AdapterCache, expected: dict[str, torch.Tensor]
+) -> None:
+    cache.ensure("a1")
+    cache.ensure("a2")
+    cache.acquire("a1")  # the least recently used, but a request runs with it
+    assert cache.ensure("a3")
+    assert cache.loaded == ["a1", "a3"]
+
+    cache.acquire("a3")
+    cache.acquire("a3")  # two requests
+    assert cache.ensure("a2") is False  # every slot busy: the caller waits
+    assert cache.loaded == ["a1", "a3"]
+    assert (cache.loads, cache.evictions) == (3, 1)
+
+    cache.release("a3")  # one of the two requests on a3 is still running
+    assert cache.ensure("a2") is False
+    cache.release("a3")
+    assert cache.ensure("a2")
+    assert cache.loaded == ["a1", "a2"]
+    assert_serves(cache, expected, "a1", "a2", "")
+
+
+def test_pinned_adapters_are_never_evicted(
+    cache: AdapterCache, expected: dict[str, torch.Tensor]
+) -> None:
+    cache.ensure("a1")
+    cache.pin("a1", True)
+    cache.ensure("a2")
+    cache.ensure("a3")
+    assert cache.loaded == ["a1", "a3"]  # a1 was the least recently used, but pinned
+    assert cache.pinned == {"a1"}
+
+    cache.pin("a3", True)
+    with pytest.raises(FailedPrecondition) as info:
+        cache.ensure("a2")
+    assert info.value.field == "adapter_id"
+    assert "pinned" in info.value.message
+    assert cache.loaded == ["a1", "a3"]
+    assert (cache.loads, cache.evictions) == (3, 1)
+
+    cache.pin("a3", False)
+    assert cache.ensure("a2")
+    assert cache.loaded == ["a1", "a2"]
+    assert_serves(cache, expected, "a2", "a1")
+
+
+def test_slots_pinned_or_in_use_make_the_caller_wait_rather_than_fail(
+    cache: AdapterCache,
+) -> None:
+    cache.ensure("a1")
+    cache.ensure("a2")
+    cache.pin("a1", True)
+    cache.acquire("a2")  # will be released when its request ends
+    assert cache.ensure("a3") is False
+    assert cache.loaded == ["a1", "a2"]
+
+
+def test_drop_refuses_an_adapter_in_use(cache: AdapterCache) -> None:
+    cache.ensure("a1")
+    cache.ensure("a2")
+    cache.pin("a1", True)
+    cache.acquire("a1")
+    assert cache.drop("a1") is False
+    assert cache.loaded == ["a1", "a2"]
+    assert cache.pinned == {"a1"}
+    cache.release("a1")
+    assert cache.drop("a1") is True
+    assert cache.loaded == ["a2"]
+    assert cache.pinned == set()
+    assert loaded_in_model(cache) == {"a2"}
+    assert cache.evictions == 1
+    assert cache.drop("a1") is True  # not loaded: nothing to do
+    assert cache.evictions == 1
+
+
+def test_evicting_the_last_adapter_returns_the_plain_model(
+    cache: AdapterCache, expected: dict[str, torch.Tensor]
+) -> None:
+    assert cache.names(["", ""]) is None  # no adapter loaded: a plain forward
+    cache.ensure("a1")
+    assert isinstance(cache.model, PeftModel)
+    assert cache.drop("a1")
+    assert not isinstance(cache.model, PeftModel)
+    assert isinstance(cache.model, PreTrainedModel)
+    assert not [n for n, _ in cache.model.named_modules() if "lora" in n]
+    assert cache.names(["", ""]) is None
+    torch.testing.assert_close(logits_of(cache.model), expected[""])
+
+    # ...and adapters load onto it again as before
+    cache.ensure("a2")
+    cache.ensure("a1")
+    assert_serves(cache, expected, "a1", "", "a2")
+
+
+def test_eviction_by_capacity_of_the_last_one_also_unwraps(cache: AdapterCache) -> None:
+    small = AdapterCache(
+        model=cache.model, registry=cache._registry, base_model=cache._base_model, capacity=1
+    )
+    small.ensure("a1")
+    small.ensure("a2")
+    assert small.loaded == ["a2"]
+    assert loaded_in_model(small) == {"a2"}
+    small.drop("a2")
+    assert not isinstance(small.model, PeftModel)
+    assert (small.loads, small.evictions) == (2, 2)
+
+
+def test_names_give_the_base_model_for_an_empty_adapter_id(cache: AdapterCache) -> None:
+    cache.ensure("a1")
+    assert cache.names(["", "a1", ""]) == [BASE, "a1", BASE] == ["__base__", "a1", "__base__"]
+
+
+def test_the_base_model_needs_no_slot(cache: AdapterCache) -> None:
+    assert cache.ensure("")
+    cache.acquire("")
+    cache.release("")
+    assert cache.loaded == []
+    assert cache.loads == 0
+    assert not isinstance(cache.model, PeftModel)
+
+
+@pytest.mark.parametrize(
+    ("adapter_id", "error"),
+    [
+        ("classifier", FailedPrecondition),
+        ("dora", FailedPrecondition),
+        ("other-base", FailedPrecondition),
+        ("missing", NotFound),
+    ],
+)
+def test_an_adapter_that_cannot_be_served_evicts_nothing(
+    cache: AdapterCache, expected: dict[str, torch.Tensor], adapter_id: str, error: type
+) -> None:
+    cache.ensure("a1")
+    cache.ensure("a2")
+    with pytest.raises(error) as info:
+        cache.ensure(adapter_id)
+    assert info.value.field == "adapter_id"
+    assert cache.loaded == ["a1", "a2"]
+    assert loaded_in_model(cache) == {"a1", "a2"}
+    assert (cache.loads, cache.evictions) == (2, 0)
+    assert_serves(cache, expected, "a1", "a2", "")
+
+
+def test_a_load_that_fails_leaves_the_model_as_it_was(
+    tiny_gpt2: Path, tmp_path: Path, add_adapter: Any, expected: dict[str, torch.Tensor]
+) -> None:
+    registry = AdapterRegistry(tmp_path / "adapters")
+    add_adapter(registry, tiny_gpt2, "broken", seed=1)
+    weights = registry.path("broken") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
+    cache = AdapterCache(
+        model=fresh_model(tiny_gpt2), registry=registry, base_model=str(tiny_gpt2), capacity=2
+    )
+    modules = [n for n, _ in cache.model.named_modules()]
+    with pytest.raises(Exception):  # noqa: B017 - whatever peft raises
+        cache.ensure("broken")
+    assert cache.loaded == [] and cache.loads == 0
+    assert [n for n, _ in cache.model.named_modules()] == modules
+    torch.testing.assert_close(logits_of(cache.model), expected[""])
+
+
+# --- check_servable
+
+
+def info(**overrides: Any) -> AdapterInfo:
+    fields: dict[str, Any] = {
+        "id": "vader",
+        "base_model": "org/base",
+        "r": 4,
+        "alpha": 8.0,
+        "dropout": 0.0,
+        "target_modules": ("c_attn",),
+        "source_job_id": "job",
+        "final_loss": 1.0,
+        "steps": 1,
+        "trained_tokens": 10,
+        **overrides,
+    }
+    return AdapterInfo(**fields)
+
+
+def test_a_generation_lora_adapter_of_this_base_is_servable() -> None:
+    check_servable(info(), "org/base")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"task": "classification", "labels": ("a", "b")}, "classifier"),
+        ({"use_dora": True}, "DoRA"),
+        ({"base_model": "org/other"}, "org/other"),
+    ],
+)
+def test_check_servable_refuses(overrides: dict[str, Any], words: str) -> None:
+    with pytest.raises(FailedPrecondition) as exc:
+        check_servable(info(**overrides), "org/base")
+    assert exc.value.field == "adapter_id"
+    assert "'vader'" in exc.value.message
+    assert words in exc.value.message
+
+
+# --- check_lora_fits
+
+
+def module_names(model: Any) -> list[str]:
+    return [n for n, _ in model.named_modules()]
+
+
+def test_a_matching_adapter_fits_the_model_and_leaves_it_alone(
+    cache: AdapterCache, registry: AdapterRegistry
+) -> None:
+    weights = registry.path("a3") / "adapter_model.safetensors"
+    before = module_names(cache.model)
+    check_lora_fits(cache.model, weights)
+    assert module_names(cache.model) == before
+    cache.ensure("a1")  # also with adapters loaded on the model (a PeftModel)
+    before = module_names(cache.model)
+    check_lora_fits(cache.model, weights)
+    assert module_names(cache.model) == before
+
+
+def test_an_adapter_of_another_architecture_does_not_fit(
+    cache: AdapterCache, tiny_llama: Path, tmp_path: Path, save_lora: Any
+) -> None:
+    llama = save_lora(tiny_llama, tmp_path / "llama", seed=1, target_modules=("q_proj",))
+    before = module_names(cache.model)
+    state = {k: v.clone() for k, v in cache.model.state_dict().items()}
+    with pytest.raises(FailedPrecondition) as exc:
+        check_lora_fits(cache.model, llama / "adapter_model.safetensors")
+    assert exc.value.field == "path"
+    assert "q_proj" in exc.value.message
+    assert "does not have" in exc.value.message
+    assert module_names(cache.model) == before
+    assert cache.model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in cache.model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("matrix", "shape"),
+    [("lora_A", [4, 32]), ("lora_B", [96, 4])],  # c_attn of the tiny GPT-2: 64 in, 192 out
+)
+def test_a_lora_matrix_of_the_wrong_shape_does_not_fit(
+    cache: AdapterCache, tmp_path: Path, matrix: str, shape: list[int]
+) -> None:
+    key = f"base_model.model.transformer.h.1.attn.c_attn.{matrix}.weight"
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({key: torch.zeros(shape)}, str(path))
+    with pytest.raises(FailedPrecondition) as exc:
+        check_lora_fits(cache.model, path)
+    assert exc.value.field == "path"
+    assert key in exc.value.message
+    assert "(64 in, 192 out)" in exc.value.message
+
+
+def test_an_embedding_lora_for_another_vocabulary_does_not_fit(
+    cache: AdapterCache, tokenizer: Any, tmp_path: Path
+) -> None:
+    """An adapter with LoRA on the token embedding, made on a GPT-2 of 600 tokens (this one
+    has 512): peft cannot load it onto this model, so the import check must refuse it."""
+    other = AutoModelForCausalLM.from_config(tiny_config("gpt2", 600, tokenizer))
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["wte"])
+    get_peft_model(other, config).save_pretrained(tmp_path / "emb")
+    with pytest.raises(FailedPrecondition) as exc:
+        check_lora_fits(cache.model, tmp_path / "emb" / "adapter_model.safetensors")
+    assert "wte" in exc.value.message
+
+
+# --- read_lora_config
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_peft_lora_config_is_read(registry: AdapterRegistry) -> None:
+    config = read_lora_config(registry.path("a1"))
+    assert config["peft_type"] == "LORA"
+    assert config["r"] == 4
+    assert config["target_modules"] == ["c_attn"]
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        (None, "no readable adapter_config.json"),
+        ("{not json", "no readable adapter_config.json"),
+        ({"peft_type": "PREFIX_TUNING", "r": 4}, "PREFIX_TUNING"),
+        ({"r": 4}, "only LORA"),
+        ({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4}, "SEQ_CLS"),
+        ({"peft_type": "LORA", "use_dora": True, "r": 4}, "DoRA"),
+        ({"peft_type": "LORA", "task_type": "CAUSAL_LM"}, "no rank r"),
+        ({"peft_type": "LORA", "r": 0}, "no rank r"),
+        ({"peft_type": "LORA", "r": "8"}, "no rank r"),
+    ],
+)
+def test_read_lora_config_refuses(tmp_path: Path, config: Any, words: str) -> None:
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    if isinstance(config, str):
+        (directory / "adapter_config.json").write_text(config)
+    elif config is not None:
+        write_config(directory, config)
+    with pytest.raises(InvalidArgument) as exc:
+        read_lora_config(directory)
+    assert exc.value.field == "path"
+    assert exc.value.message.startswith("path: ")
+    assert words in exc.value.message
+
+
+def test_read_lora_config_accepts_no_task_type(tmp_path: Path) -> None:
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16}
+    assert read_lora_config(write_config(tmp_path / "a", config)) == config

@@ -1,0 +1,186 @@
+"""tuneserve.inference.batch: rows join and leave a shared KV cache and decode exactly as alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from tuneserve.inference.batch import DecodeBatch
+from tuneserve.models import load_model
+from tuneserve.tiny_models import build_tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / request.param, architecture=request.param
+    )
+    model = load_model(str(path), device=CPU, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def prompt(length: int, offset: int) -> list[int]:
+    """Token ids 3.. (0-2 are the special tokens) that differ between prompts."""
+    return [3 + (offset + 7 * i) % 250 for i in range(length)]
+
+
+@torch.inference_mode()
+def decode_alone(model: PreTrainedModel, ids: list[int], n: int) -> list[int]:
+    """The reference: greedy decoding of one prompt with a plain past_key_values loop."""
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < n:
+        out = model(
+            input_ids=torch.tensor([[tokens[-1]]]),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+@dataclass(eq=False)
+class Row:
+    ids: list[int]
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def join(model: PreTrainedModel, batch: DecodeBatch[Row], row: Row) -> None:
+    """Prefill a row on its own and merge it into the batch, as the scheduler does."""
+    out = model(input_ids=torch.tensor([row.ids]), use_cache=True)
+    row.tokens.append(int(out.logits[0, -1].argmax()))
+    batch.add(row, out.past_key_values, prompt_length=len(row.ids), next_token=row.tokens[-1])
+
+
+@torch.inference_mode()
+def step(model: PreTrainedModel, batch: DecodeBatch[Row]) -> list[Row]:
+    """One greedy step for every row; the rows that reached their budget leave. Returns them."""
+    logits = model(**batch.inputs(CPU)).logits
+    tokens = [int(logits[i, -1].argmax()) for i in range(len(batch))]
+    batch.advanced(tokens)
+    done = set()
+    for i, (slot, token) in enumerate(zip(batch.slots, tokens, strict=True)):
+        slot.owner.tokens.append(token)
+        if len(slot.owner.tokens) >= slot.owner.budget:
+            done.add(i)
+    left = [batch.slots[i].owner for i in sorted(done)]
+    batch.remove(done)
+    return left
+
+
+def assert_consistent(batch: DecodeBatch[Row]) -> None:
+    """The cache holds `length` positions per row, and no padding is shared by every row."""
+    assert batch.cache is not None
+    assert batch.cache.get_seq_length() == batch.length
+    assert all(layer.keys.shape[0] == len(batch) for layer in batch.cache.layers)
+    assert min(s.pad for s in batch.slots) == 0
+    for s in batch.slots:
+        assert s.position == len(s.owner.ids) + len(s.owner.tokens) - 1  # real tokens cached
+        assert s.pad + s.position == batch.length
+
+
+def test_rows_joining_and_leaving_decode_exactly_as_alone(model: PreTrainedModel) -> None:
+    a = Row(prompt(7, 0), budget=14)
+    b = Row(prompt(3, 1), budget=5)  # shorter than the batch: it is padded on the left
+    c = Row(prompt(16, 2), budget=6)  # longer than the batch: the others are padded
+    batch: DecodeBatch[Row] = DecodeBatch()
+    finished: list[Row] = []
+
+    join(model, batch, a)
+    for _ in range(3):
+        finished += step(model, batch)
+    join(model, batch, b)
+    assert batch.length == 10 and [s.pad for s in batch.slots] == [0, 7]
+    assert_consistent(batch)
+    for _ in range(2):
+        finished += step(model, batch)
+    join(model, batch, c)
+    assert batch.length == 16 and [s.pad for s in batch.slots] == [4, 11, 0]
+    assert_consistent(batch)
+
+    while batch:
+        before = batch.length
+        left = step(model, batch)
+        finished += left
+        if left and batch:
+            assert_consistent(batch)
+        if left == [c]:
+            # a alone is left with the 4 padding positions c's join put in front of it: trimmed
+            assert [s.owner for s in batch.slots] == [a]
+            assert batch.length == before + 1 - 4
+            assert batch.slots[0].pad == 0
+
+    assert finished == [b, c, a]  # they left at different steps, in this order
+    for row in (a, b, c):
+        assert len(row.tokens) == row.budget
+        assert row.tokens == decode_alone(model, row.ids, row.budget)
+
+
+def test_removing_every_row_resets_the_cache_and_the_batch_starts_afresh(
+    model: PreTrainedModel,
+) -> None:
+    batch: DecodeBatch[Row] = DecodeBatch()
+    first, second = Row(prompt(9, 3), budget=4), Row(prompt(5, 4), budget=4)
+    join(model, batch, first)
+    join(model, batch, second)
+    step(model, batch)
+    batch.remove({0, 1})
+    assert len(batch) == 0 and not batch
+    assert batch.cache is None
+    assert batch.length == 0
+
+    again = Row(prompt(4, 5), budget=5)
+    join(model, batch, again)
+    assert batch.length == 4 and batch.slots[0].pad == 0
+    while batch:
+        step(model, batch)
+    assert again.tokens == decode_alone(model, again.ids, again.budget)
+
+
+def test_removing_no_rows_changes_nothing(model: PreTrainedModel) -> None:
+    batch: DecodeBatch[Row] = DecodeBatch()
+    short, long = Row(prompt(2, 6), budget=99), Row(prompt(6, 7), budget=99)
+    join(model, batch, short)
+    join(model, batch, long)
+    cache = batch.cache
+    batch.remove(set())
+    assert batch.cache is cache
+    assert batch.length == 6
+    assert [s.pad for s in batch.slots] == [4, 0]
+    assert [s.owner for s in batch.slots] == [short, long]
+
+
+def test_padding_of_the_rows_that_stay_is_kept_when_not_shared(model: PreTrainedModel) -> None:
+    batch: DecodeBatch[Row] = DecodeBatch()
+    rows = [Row(prompt(3, 8), budget=6), Row(prompt(8, 9), budget=2), Row(prompt(5, 10), budget=6)]
+    for row in rows:
+        join(model, batch, row)
+    assert [s.pad for s in batch.slots] == [5, 0, 3]
+    step(model, batch)  # the 8-token row leaves: 3 padding positions are shared by the rest
+    assert [s.owner for s in batch.slots] == [rows[0], rows[2]]
+    assert [s.pad for s in batch.slots] == [2, 0]
+    assert batch.length == 9 - 3
+    assert_consistent(batch)
+    while batch:
+        step(model, batch)
+    for row in rows:
+        assert row.tokens == decode_alone(model, row.ids, row.budget)

@@ -1,0 +1,476 @@
+"""tuneserve.inference.scheduler: continuous batching over a tiny GPT-2 with real adapters.
+Requests batched together give exactly what they give alone; the batch and the queue are
+bounded; cancel, stop sequences, length and EOS end a request; errors reach the caller."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+
+from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tuneserve.inference.adapters import AdapterCache
+from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams, resolve_params
+from tuneserve.inference.scheduler import Request, Scheduler
+from tuneserve.models import load_model, load_tokenizer
+from tuneserve.registry import AdapterRegistry
+
+CPU = torch.device("cpu")
+TIMEOUT_S = 30.0
+PROMPTS = [
+    "Question: Who is your father? Answer:",
+    "The quick brown",
+    "Hello",
+    "LoRA trains low-rank matrices beside frozen weights, so",
+    "Fine-tuning adapts a",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: Path, add_adapter: Any
+) -> AdapterRegistry:
+    registry = AdapterRegistry(tmp_path_factory.mktemp("registry"))
+    add_adapter(registry, tiny_gpt2, "a1", seed=1)
+    add_adapter(registry, tiny_gpt2, "a2", seed=2)
+    add_adapter(registry, tiny_gpt2, "classifier", seed=3, task="classification", labels=("n",))
+    return registry
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_gpt2: Path) -> Any:
+    return load_tokenizer(str(tiny_gpt2))
+
+
+def fresh_model(base_dir: Path) -> Any:
+    model = load_model(str(base_dir), device=CPU, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def cache_for(base_dir: Path, registry: AdapterRegistry, capacity: int = 2) -> AdapterCache:
+    return AdapterCache(
+        model=fresh_model(base_dir), registry=registry, base_model=str(base_dir), capacity=capacity
+    )
+
+
+@pytest.fixture()
+def make_scheduler(
+    tiny_gpt2: Path, registry: AdapterRegistry, tokenizer: Any
+) -> Iterator[Callable[..., Scheduler]]:
+    """`make_scheduler(max_batch_size=, max_queue=, ...)`: a started scheduler over a fresh
+    model; every one is stopped at the end of the test."""
+    started: list[Scheduler] = []
+
+    def make(
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 16,
+        capacity: int = 2,
+        tokenizer: Any = tokenizer,
+        registry: AdapterRegistry = registry,
+        adapters: AdapterCache | None = None,
+    ) -> Scheduler:
+        scheduler = Scheduler(
+            adapters=adapters or cache_for(tiny_gpt2, registry, capacity),
+            tokenizer=tokenizer,
+            device=CPU,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+        )
+        started.append(scheduler)
+        scheduler.start()
+        return scheduler
+
+    yield make
+    for scheduler in started:
+        scheduler.stop()
+
+
+@pytest.fixture()
+def scheduler(make_scheduler: Callable[..., Scheduler]) -> Scheduler:
+    return make_scheduler()
+
+
+def request(tokenizer: Any, prompt: str, adapter_id: str = "", **params: Any) -> Request:
+    params.setdefault("max_new_tokens", 12)
+    if "temperature" not in params:
+        params.setdefault("greedy", True)
+    resolved = resolve_params(
+        SamplingParams(**params), default_max_new_tokens=16, max_new_tokens=500
+    )
+    return Request(tokenizer(prompt)["input_ids"], resolved, adapter_id)
+
+
+@dataclass
+class Result:
+    text: str
+    chunks: list[GenerationChunk]
+
+    @property
+    def last(self) -> GenerationChunk:
+        return self.chunks[-1]
+
+
+def result(req: Request, timeout: float = TIMEOUT_S) -> Result:
+    """Every chunk up to the last; an error put on `out` is raised."""
+    chunks: list[GenerationChunk] = []
+    while not chunks or chunks[-1].finish_reason is None:
+        item = req.out.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        chunks.append(item)
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    return Result("".join(c.text for c in chunks), chunks)
+
+
+def alone(scheduler: Scheduler, req: Request) -> Result:
+    scheduler.submit(req)
+    return result(req)
+
+
+@contextmanager
+def paused(scheduler: Scheduler) -> Iterator[None]:
+    """Hold the decode thread between steps, so requests submitted meanwhile are admitted
+    together when it resumes."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(TIMEOUT_S)
+
+    caller = threading.Thread(target=scheduler.call, args=(hold,), daemon=True)
+    caller.start()
+    assert holding.wait(TIMEOUT_S)
+    try:
+        yield
+    finally:
+        release.set()
+        caller.join(TIMEOUT_S)
+
+
+def together(scheduler: Scheduler, requests: list[Request]) -> list[Result]:
+    with paused(scheduler):
+        for req in requests:
+            scheduler.submit(req)
+    return [result(req) for req in requests]
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@torch.inference_mode()
+def reference_tokens(model: Any, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy decoding of one prompt with a plain past_key_values loop, outside the scheduler."""
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < n:
+        out = model(
+            input_ids=torch.tensor([[tokens[-1]]]),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tiny_gpt2: Path, registry: AdapterRegistry
+) -> Callable[[str, list[int], int], list[int]]:
+    """`reference(adapter_id, prompt_ids, n)`: greedy tokens of the base model or of one
+    adapter loaded alone with plain peft."""
+    models: dict[str, Any] = {}
+
+    def tokens(adapter_id: str, prompt_ids: list[int], n: int) -> list[int]:
+        if adapter_id not in models:
+            model = fresh_model(tiny_gpt2)
+            if adapter_id:
+                model = PeftModel.from_pretrained(model, str(registry.path(adapter_id))).eval()
+            models[adapter_id] = model
+        return reference_tokens(models[adapter_id], prompt_ids, n)
+
+    return tokens
+
+
+# --- batching
+
+
+def test_concurrent_greedy_requests_give_what_each_gives_alone(
+    scheduler: Scheduler, tokenizer: Any, reference: Callable[..., list[int]]
+) -> None:
+    cases = list(zip(PROMPTS, ["", "a1", "a2", "a1", ""], strict=True))
+    singles = [alone(scheduler, request(tokenizer, p, a)) for p, a in cases]
+    assert scheduler.stats.peak_running == 1
+    requests = [request(tokenizer, p, a) for p, a in cases]
+    batched = together(scheduler, requests)
+    assert scheduler.stats.peak_running == len(cases)  # they really ran in one batch
+
+    for req, one, many in zip(requests, singles, batched, strict=True):
+        assert many.text == one.text
+        assert many.last.finish_reason == one.last.finish_reason
+        assert many.last.generated_tokens == one.last.generated_tokens
+        assert many.last.prompt_tokens == len(req.prompt_ids)
+        # ...and both are what the base model or the adapter alone generates with plain peft
+        tokens = reference(req.adapter_id, req.prompt_ids, req.params.max_new_tokens)
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert one.text == tokenizer.decode(tokens, skip_special_tokens=True)
+    # the adapters are really applied: the same prompt gives three different texts
+    texts = {a: alone(scheduler, request(tokenizer, PROMPTS[0], a)).text for a in ("", "a1", "a2")}
+    assert len(set(texts.values())) == 3
+
+
+def test_a_seeded_sampled_request_gives_the_same_text_alone_and_in_a_batch(
+    scheduler: Scheduler, tokenizer: Any
+) -> None:
+    def sampled(seed: int, adapter_id: str = "") -> Request:
+        return request(
+            tokenizer,
+            PROMPTS[1],
+            adapter_id,
+            temperature=1.0,
+            top_k=50,
+            seed=seed,
+            max_new_tokens=16,
+        )
+
+    one = alone(scheduler, sampled(1234))
+    assert one.last.seed == 1234
+    assert alone(scheduler, sampled(1234)).text == one.text  # reproducible
+    assert alone(scheduler, sampled(4321)).text != one.text  # really sampled
+    others = [
+        request(tokenizer, PROMPTS[0], "a1"),
+        sampled(99, "a2"),
+        request(tokenizer, PROMPTS[3]),
+    ]
+    batched = together(scheduler, [others[0], sampled(1234), *others[1:]])
+    assert scheduler.stats.peak_running == 4
+    assert batched[1].text == one.text
+    assert batched[1].last.seed == 1234
+
+
+def test_the_batch_never_holds_more_than_max_batch_size(
+    make_scheduler: Callable[..., Scheduler], tokenizer: Any
+) -> None:
+    scheduler = make_scheduler(max_batch_size=2)
+    requests = [
+        request(tokenizer, p, a) for p, a in zip(PROMPTS[:4], ["", "a1", "a2", ""], strict=True)
+    ]
+    with paused(scheduler):
+        for req in requests:
+            scheduler.submit(req)
+        assert scheduler.stats.waiting == 4
+        assert scheduler.busy
+    results = [result(r) for r in requests]
+    assert all(r.last.finish_reason is FinishReason.LENGTH for r in results)
+    assert all(r.last.generated_tokens == 12 for r in results)
+    assert scheduler.stats.peak_running == 2
+    wait_until(lambda: not scheduler.busy)
+    assert scheduler.stats.waiting == 0
+
+
+def test_a_full_queue_refuses_with_a_retry_hint(
+    make_scheduler: Callable[..., Scheduler], tokenizer: Any
+) -> None:
+    scheduler = make_scheduler(max_batch_size=1, max_queue=1)
+    long = request(tokenizer, PROMPTS[0], max_new_tokens=450)
+    scheduler.submit(long)
+    wait_until(lambda: scheduler.stats.running == 1)  # admitted: the queue is empty again
+    waiting = request(tokenizer, PROMPTS[1])
+    scheduler.submit(waiting)  # the batch is full: it waits
+    refused = request(tokenizer, PROMPTS[2])
+    with pytest.raises(ResourceExhausted) as exc:
+        scheduler.submit(refused)
+    assert exc.value.retry_after_s > 0
+    assert "waiting" in exc.value.message
+    assert waiting.out.empty()
+
+    long.cancelled.set()
+    assert result(long).last.finish_reason is FinishReason.CANCELLED
+    assert result(waiting).last.finish_reason is FinishReason.LENGTH
+    scheduler.submit(refused)  # room again
+    assert result(refused).last.finish_reason is FinishReason.LENGTH
+
+
+# --- how a request ends
+
+
+def test_a_cancelled_request_ends_and_leaves_the_batch(
+    make_scheduler: Callable[..., Scheduler],
+    tiny_gpt2: Path,
+    registry: AdapterRegistry,
+    tokenizer: Any,
+) -> None:
+    cache = cache_for(tiny_gpt2, registry)
+    scheduler = make_scheduler(adapters=cache)
+    stays = request(tokenizer, PROMPTS[0], max_new_tokens=10)
+    goes = request(tokenizer, PROMPTS[1], "a1", max_new_tokens=450)
+    scheduler.submit(goes)
+    wait_until(lambda: scheduler.stats.running == 1)
+    scheduler.submit(stays)
+    goes.cancelled.set()
+    ended = result(goes)
+    assert ended.last.finish_reason is FinishReason.CANCELLED
+    assert ended.last.generated_tokens < 450
+    assert result(stays).last.finish_reason is FinishReason.LENGTH
+    wait_until(lambda: scheduler.stats.running == 0)
+    assert not scheduler.busy
+    # the cancelled request no longer holds its adapter: it can be unloaded
+    assert scheduler.call(lambda: cache.drop("a1")) is True
+    assert cache.loaded == []
+
+
+def test_a_request_cancelled_while_waiting_never_runs(scheduler: Scheduler, tokenizer: Any) -> None:
+    req = request(tokenizer, PROMPTS[0], "a1")
+    with paused(scheduler):
+        scheduler.submit(req)
+        req.cancelled.set()
+    ended = result(req)
+    assert ended.text == ""
+    assert ended.last.finish_reason is FinishReason.CANCELLED
+    assert ended.last.generated_tokens == 0
+    assert scheduler.stats.steps == 0
+    wait_until(lambda: not scheduler.busy)
+
+
+def test_max_new_tokens_ends_with_length(scheduler: Scheduler, tokenizer: Any) -> None:
+    one = alone(scheduler, request(tokenizer, PROMPTS[3], max_new_tokens=1))
+    assert one.last.finish_reason is FinishReason.LENGTH
+    assert one.last.generated_tokens == 1
+    assert one.text
+    assert scheduler.stats.steps == 0  # done at prefill: it never joined the batch
+    req = request(tokenizer, PROMPTS[3], max_new_tokens=7)
+    ended = alone(scheduler, req)
+    assert ended.last.finish_reason is FinishReason.LENGTH
+    assert ended.last.generated_tokens == 7
+    assert ended.last.prompt_tokens == len(req.prompt_ids)
+    assert [c.generated_tokens for c in ended.chunks] == sorted(
+        c.generated_tokens for c in ended.chunks
+    )
+
+
+def test_a_stop_sequence_ends_the_text_before_it(scheduler: Scheduler, tokenizer: Any) -> None:
+    full = alone(scheduler, request(tokenizer, PROMPTS[0], max_new_tokens=30)).text
+    assert len(full) > 12
+    stop = full[8:12]
+    cut = full.index(stop)
+    ended = alone(scheduler, request(tokenizer, PROMPTS[0], max_new_tokens=30, stop=(stop,)))
+    assert ended.text == full[:cut]
+    assert ended.last.finish_reason is FinishReason.STOP_SEQUENCE
+    assert ended.last.generated_tokens < 30
+    assert stop not in "".join(c.text for c in ended.chunks)
+
+
+class EosTokenizer:
+    """The tokenizer, but with another token id as the end of sequence."""
+
+    def __init__(self, tokenizer: Any, eos_token_id: int) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer.decode(*args, **kwargs)
+
+
+def test_the_eos_token_ends_the_request_without_its_text(
+    make_scheduler: Callable[..., Scheduler],
+    tokenizer: Any,
+    reference: Callable[..., list[int]],
+) -> None:
+    req = request(tokenizer, PROMPTS[0], max_new_tokens=30)
+    tokens = reference("", req.prompt_ids, 30)
+    eos = tokens[5]  # make a token the base model produces the end of sequence
+    before = tokens[: tokens.index(eos)]
+    scheduler = make_scheduler(tokenizer=EosTokenizer(tokenizer, eos))
+    ended = alone(scheduler, req)
+    assert ended.last.finish_reason is FinishReason.EOS
+    assert ended.last.generated_tokens == len(before)
+    assert ended.text == tokenizer.decode(before, skip_special_tokens=True)
+
+
+# --- commands and errors
+
+
+def test_call_runs_on_the_decode_thread_and_returns_its_result(scheduler: Scheduler) -> None:
+    assert scheduler.call(lambda: threading.current_thread().name) == "decode"
+    assert threading.current_thread().name != "decode"
+    assert scheduler.call(lambda: 42) == 42
+
+
+def test_call_raises_what_the_function_raised_and_the_scheduler_carries_on(
+    scheduler: Scheduler, tokenizer: Any
+) -> None:
+    def fail() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        scheduler.call(fail)
+    assert alone(scheduler, request(tokenizer, PROMPTS[2])).last.finish_reason is not None
+
+
+@pytest.mark.parametrize(
+    ("adapter_id", "error"),
+    [("nobody", NotFound), ("../etc", InvalidArgument), ("classifier", FailedPrecondition)],
+)
+def test_an_adapter_that_cannot_be_served_is_reported_on_out(
+    scheduler: Scheduler, tokenizer: Any, adapter_id: str, error: type
+) -> None:
+    req = request(tokenizer, PROMPTS[0], adapter_id)
+    scheduler.submit(req)
+    item = req.out.get(timeout=TIMEOUT_S)
+    assert isinstance(item, error)
+    assert item.field == "adapter_id"
+    # the request left the queue and the scheduler goes on serving others
+    wait_until(lambda: scheduler.stats.waiting == 0)
+    assert alone(scheduler, request(tokenizer, PROMPTS[2], "a1")).last.finish_reason is not None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_adapter_that_fails_to_load_fails_its_request_not_the_scheduler(
+    make_scheduler: Callable[..., Scheduler],
+    tiny_gpt2: Path,
+    tmp_path: Path,
+    add_adapter: Any,
+    tokenizer: Any,
+) -> None:
+    registry = AdapterRegistry(tmp_path / "adapters")
+    add_adapter(registry, tiny_gpt2, "broken", seed=1)
+    weights = registry.path("broken") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
+    scheduler = make_scheduler(registry=registry)
+    broken = request(tokenizer, PROMPTS[0], "broken")
+    scheduler.submit(broken)
+    try:
+        item = broken.out.get(timeout=2)
+    except queue.Empty:
+        pytest.fail("the request got no answer")
+    assert isinstance(item, BaseException)
+    fine = request(tokenizer, PROMPTS[1])
+    scheduler.submit(fine)
+    try:
+        assert result(fine, timeout=2).last.finish_reason is FinishReason.LENGTH
+    except queue.Empty:
+        pytest.fail("the scheduler stopped serving")
