@@ -69,14 +69,12 @@ class DecodeBatch(Generic[T]):
 
     def inputs(self, device: torch.device) -> dict[str, Any]:
         """Model inputs for one decoding step of every row."""
-        n = len(self.slots)
-        mask = torch.ones((n, self.length + 1), dtype=torch.long)
-        for i, s in enumerate(self.slots):
-            mask[i, : s.pad] = 0
+        pads = torch.tensor([s.pad for s in self.slots], device=device)
+        mask = (torch.arange(self.length + 1, device=device)[None, :] >= pads[:, None]).long()
         return {
             "input_ids": torch.tensor([[s.next_token] for s in self.slots], device=device),
             "position_ids": torch.tensor([[s.position] for s in self.slots], device=device),
-            "attention_mask": mask.to(device),
+            "attention_mask": mask,
             "past_key_values": self.cache,
             "use_cache": True,
         }

@@ -1,7 +1,11 @@
 """Turning a growing list of token ids into text deltas, and finding stop sequences.
 
 Text is only released once it is final: not while the last token ends in the middle of a
-UTF-8 character, and not while its tail could still grow into a stop sequence."""
+UTF-8 character, and not while its tail could still grow into a stop sequence.
+
+Each step decodes a short window (the tokens since the last step, with the ones before
+them for context, as vLLM and TGI do) rather than the whole sequence, so the cost per token
+stays flat however long the generation gets."""
 
 from __future__ import annotations
 
@@ -15,13 +19,19 @@ class IncrementalDecoder:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
         self._emitted = 0  # characters of the text already released
+        self._prefix = 0  # first token of the decoding window (context only)
+        self._read = 0  # tokens whose text is already in self.text
         self.text = ""
 
     def push(self, token_ids: Sequence[int]) -> tuple[str, bool]:
-        """Decode the ids so far; return (new final text, whether a stop sequence ended it)."""
-        text = str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
-        if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+        """Take the ids so far; return (new final text, whether a stop sequence ended it)."""
+        decode = self._tokenizer.decode
+        window = str(decode(list(token_ids[self._prefix :]), skip_special_tokens=True))
+        if window.endswith("\ufffd"):  # an incomplete character: wait for the next token
             return "", False
+        known = str(decode(list(token_ids[self._prefix : self._read]), skip_special_tokens=True))
+        self._prefix, self._read = self._read, len(token_ids)
+        text = self.text + window[len(known) :]
         self.text = text
         cut = self._earliest_stop(text)
         if cut is not None:

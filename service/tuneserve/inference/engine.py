@@ -6,6 +6,7 @@ take a place in the batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import shutil
@@ -143,8 +144,11 @@ class Engine:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                yield item
-                if item.finish_reason is not None:
+                chunk, error = _coalesce(item, pending.out)
+                yield chunk
+                if error is not None:
+                    raise error
+                if chunk.finish_reason is not None:
                     return
         finally:
             pending.cancelled.set()  # the consumer stopped early: free the slot
@@ -266,3 +270,21 @@ class Engine:
                 field="parameters.max_new_tokens",
             )
         return ids
+
+
+def _coalesce(
+    first: GenerationChunk, out: queue.SimpleQueue[GenerationChunk | BaseException]
+) -> tuple[GenerationChunk, BaseException | None]:
+    """Merge the chunks already waiting into one: a caller that fell behind gets one message
+    per wake-up instead of one per token. Returns an error that came after them, if any."""
+    texts, last = [first.text], first
+    while last.finish_reason is None:
+        try:
+            item = out.get_nowait()
+        except queue.Empty:
+            break
+        if isinstance(item, BaseException):
+            return dataclasses.replace(last, text="".join(texts)), item
+        texts.append(item.text)
+        last = item
+    return dataclasses.replace(last, text="".join(texts)), None

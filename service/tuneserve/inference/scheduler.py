@@ -225,7 +225,7 @@ class Scheduler:
         slots = self._batch.slots
         inputs = self._batch.inputs(self._device)
         logits = self._forward(**inputs, adapters=[s.owner.adapter_id for s in slots]).logits
-        tokens = [self._sample(s.owner, logits[i, -1]) for i, s in enumerate(slots)]
+        tokens = self._sample_batch([s.owner for s in slots], logits[:, -1])
         self._batch.advanced(tokens)
         done = set()
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
@@ -246,10 +246,27 @@ class Scheduler:
             inputs["adapter_names"] = names
         return self._adapters.model(**inputs)
 
+    def _sample_batch(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """Plain greedy rows take one argmax together; the rest sample one by one."""
+        tokens = [0] * len(requests)
+        plain = [i for i, r in enumerate(requests) if r.params.is_greedy and not r.processors]
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            for i, token in zip(
+                plain, logits.index_select(0, index).argmax(-1).tolist(), strict=True
+            ):
+                tokens[i] = int(token)
+        for i, request in enumerate(requests):
+            if i not in plain:
+                tokens[i] = self._sample(request, logits[i])
+        return tokens
+
     def _sample(self, request: Request, logits: torch.Tensor) -> int:
         assert request.processors is not None
-        history = torch.tensor([request.history], device=logits.device)
-        scores = request.processors(history, logits[None].float())  # type: ignore[arg-type]
+        scores = logits[None].float()
+        if request.processors:  # penalties look at the whole history
+            history = torch.tensor([request.history], device=logits.device)
+            scores = request.processors(history, scores)  # type: ignore[arg-type]
         if request.params.is_greedy:
             return int(scores.argmax(dim=-1))
         probs = torch.softmax(scores, dim=-1)
