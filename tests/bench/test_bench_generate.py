@@ -41,7 +41,9 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     for contender in ("service", "ideal"):
         assert set(throughput[contender]) == set(levels), contender
         assert all(v > 0 for v in throughput[contender].values()), throughput
-    for name in ("service_over_seed", "service_over_ideal"):
+    assert set(results["client_cpu_cores"]) == set(levels)
+    assert results["other_cpu_cores"]["median"] is None or results["other_cpu_cores"]["median"] >= 0
+    for name in ("service_over_seed", "service_over_ideal", "ideal_over_seed"):
         assert all(r > 0 for r in results["ratios"][name].values()), name
 
     for level in levels:

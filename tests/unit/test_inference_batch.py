@@ -68,7 +68,9 @@ def join(model: PreTrainedModel, batch: DecodeBatch[Row], row: Row) -> None:
     """Prefill a row on its own and merge it into the batch, as the scheduler does."""
     out = model(input_ids=torch.tensor([row.ids]), use_cache=True)
     row.tokens.append(int(out.logits[0, -1].argmax()))
-    batch.add(row, out.past_key_values, prompt_length=len(row.ids), next_token=row.tokens[-1])
+    batch.add(
+        [row], out.past_key_values, width=len(row.ids), pads=[0], next_tokens=[row.tokens[-1]]
+    )
 
 
 @torch.inference_mode()

@@ -391,8 +391,8 @@ class EosTokenizer:
         self._tokenizer = tokenizer
         self.eos_token_id = eos_token_id
 
-    def decode(self, *args: Any, **kwargs: Any) -> Any:
-        return self._tokenizer.decode(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)  # decode, pad_token_id, ...
 
 
 def test_the_eos_token_ends_the_request_without_its_text(

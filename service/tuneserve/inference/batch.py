@@ -1,7 +1,8 @@
 """The running batch of a continuous-batching decoder: one KV cache for every row in flight.
 
-Rows are left-padded to a common length. A row that joins is prefilled on its own and its
-cache is merged in (the shorter side gets zero padding on the left, masked out); rows that
+Rows are left-padded to a common length. Rows that join are prefilled together (one
+forward over their left-padded prompts) and their cache is merged in with one concatenation
+per layer (the shorter side gets zero padding on the left, masked out); rows that
 finish are dropped with an index select, and padding that every row shares is trimmed.
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
@@ -39,33 +40,43 @@ class DecodeBatch(Generic[T]):
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, owner: T, cache: DynamicCache, *, prompt_length: int, next_token: int) -> None:
-        """Merge a prefilled row (a batch-of-one cache of `prompt_length`) into the batch."""
-        slot = Slot(owner=owner, pad=0, next_token=next_token, position=prompt_length)
+    def add(
+        self,
+        owners: Sequence[T],
+        cache: DynamicCache,
+        *,
+        width: int,
+        pads: Sequence[int],
+        next_tokens: Sequence[int],
+    ) -> None:
+        """Merge rows prefilled together (a cache of `width` positions, row i left-padded
+        by pads[i]) into the batch."""
+        slots = [
+            Slot(owner=o, pad=p, next_token=t, position=width - p)
+            for o, p, t in zip(owners, pads, next_tokens, strict=True)
+        ]
         if self.cache is None or not self.slots:
-            self.cache, self.length, self.slots = cache, prompt_length, [slot]
+            self.cache, self.length, self.slots = cache, width, slots
             return
-        width = max(self.length, prompt_length)
+        total = max(self.length, width)
         layers: list[Any] = list(self.cache.layers)  # DynamicLayer: .keys/.values [B, H, T, D]
         theirs_layers: list[Any] = list(cache.layers)
         for mine, theirs in zip(layers, theirs_layers, strict=True):
             mine.keys = torch.cat(
-                [
-                    _left_pad(mine.keys, width - self.length),
-                    _left_pad(theirs.keys, width - prompt_length),
-                ]
+                [_left_pad(mine.keys, total - self.length), _left_pad(theirs.keys, total - width)]
             )
             mine.values = torch.cat(
                 [
-                    _left_pad(mine.values, width - self.length),
-                    _left_pad(theirs.values, width - prompt_length),
+                    _left_pad(mine.values, total - self.length),
+                    _left_pad(theirs.values, total - width),
                 ]
             )
         for s in self.slots:
-            s.pad += width - self.length
-        slot.pad = width - prompt_length
-        self.slots.append(slot)
-        self.length = width
+            s.pad += total - self.length
+        for s in slots:
+            s.pad += total - width
+        self.slots.extend(slots)
+        self.length = total
 
     def inputs(self, device: torch.device) -> dict[str, Any]:
         """Model inputs for one decoding step of every row."""

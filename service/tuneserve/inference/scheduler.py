@@ -96,6 +96,7 @@ class Scheduler:
         self._max_batch = max_batch_size
         self._max_queue = max_queue
         self._eos = tokenizer.eos_token_id
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._waiting: deque[Request] = deque()
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
@@ -175,8 +176,9 @@ class Scheduler:
     def _admit(self) -> None:
         with self._lock:
             candidates = list(self._waiting)
+        admitted: list[Request] = []
         for request in candidates:
-            if len(self._batch) >= self._max_batch:
+            if len(self._batch) + len(admitted) >= self._max_batch:
                 break
             if request.cancelled.is_set():
                 self._dequeue(request)
@@ -193,10 +195,14 @@ class Scheduler:
                 continue
             self._dequeue(request)
             self._adapters.acquire(request.adapter_id)
-            try:
-                self._prefill(request)
-            except Exception as e:
-                log.exception("prefill failed")
+            admitted.append(request)
+        if not admitted:
+            return
+        try:
+            self._prefill(admitted)
+        except Exception as e:
+            log.exception("prefill failed")
+            for request in admitted:
                 self._end(request, error=e)
 
     def _dequeue(self, request: Request) -> None:
@@ -205,20 +211,46 @@ class Scheduler:
             self.stats.waiting = len(self._waiting)
 
     @torch.inference_mode()
-    def _prefill(self, request: Request) -> None:
-        p = request.params
-        assert p.seed is not None
-        request.history = list(request.prompt_ids)
-        request.decoder = IncrementalDecoder(self._tokenizer, p.stop)
-        request.generator = torch.Generator(device=self._device).manual_seed(p.seed)
-        request.processors = _processors(p)
-        ids = torch.tensor([request.prompt_ids], device=self._device)
-        out = self._forward(input_ids=ids, use_cache=True, adapters=[request.adapter_id])
-        token = self._sample(request, out.logits[0, -1])
-        if not self._emit(request, token):
-            self._batch.add(
-                request, out.past_key_values, prompt_length=ids.shape[1], next_token=token
-            )
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward over the newcomers' left-padded prompts, then into the batch."""
+        for request in requests:
+            p = request.params
+            assert p.seed is not None
+            request.history = list(request.prompt_ids)
+            request.decoder = IncrementalDecoder(self._tokenizer, p.stop)
+            request.generator = torch.Generator(device=self._device).manual_seed(p.seed)
+            request.processors = _processors(p)
+        width = max(len(r.prompt_ids) for r in requests)
+        pads = [width - len(r.prompt_ids) for r in requests]
+        ids = torch.full((len(requests), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, (request, pad) in enumerate(zip(requests, pads, strict=True)):
+            ids[i, pad:] = torch.tensor(request.prompt_ids)
+            mask[i, pad:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(
+            input_ids=ids.to(self._device),
+            attention_mask=mask.to(self._device),
+            position_ids=positions.to(self._device),
+            use_cache=True,
+            adapters=[r.adapter_id for r in requests],
+        )
+        tokens = self._sample_batch(requests, out.logits[:, -1])
+        keep = [
+            i for i, (r, t) in enumerate(zip(requests, tokens, strict=True)) if not self._emit(r, t)
+        ]
+        if not keep:
+            return
+        cache = out.past_key_values
+        if len(keep) < len(requests):
+            cache.batch_select_indices(torch.tensor(keep, device=self._device))
+        self._batch.add(
+            [requests[i] for i in keep],
+            cache,
+            width=width,
+            pads=[pads[i] for i in keep],
+            next_tokens=[tokens[i] for i in keep],
+        )
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -256,8 +288,9 @@ class Scheduler:
                 plain, logits.index_select(0, index).argmax(-1).tolist(), strict=True
             ):
                 tokens[i] = int(token)
+        chosen = set(plain)
         for i, request in enumerate(requests):
-            if i not in plain:
+            if i not in chosen:
                 tokens[i] = self._sample(request, logits[i])
         return tokens
 
