@@ -45,6 +45,7 @@ test: lint
 # Speed against the seeds' recipes, measured in the same run: writes bench/results/*.json.
 bench: setup
 	$(PY) -m bench.train
+	$(PY) -m bench.generate
 
 serve: setup
 	$(BIN)/tuneserve serve

@@ -349,3 +349,73 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+# --- Figures and goals ----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation between the closest ranks, as
+    numpy's default does; None for no values. With fewer than 100 values p99 is close to the
+    largest one, and is reported as such rather than hidden."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero: a missing figure stays missing."""
+    return a / b if a is not None and b else None
+
+
+def goal(value: float | None, target: float, op: str) -> dict[str, Any]:
+    """A goal as the results file records it; a missing value is not met."""
+    met = value is not None and (value >= target if op == ">=" else value <= target)
+    return {"value": value, "target": target, "op": op, "met": met}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """`value` formatted for a table, '-' when missing."""
+    return "-" if value is None else format(value, spec)
+
+
+# --- Contention -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU time used so far: by the whole machine (steal included) and by this process, in
+    clock ticks, with the wall time they were read at."""
+
+    machine: int
+    process: int
+    wall: float
+
+    def other_cores(self) -> float | None:
+        """Cores that other processes (and the hypervisor) kept busy on average since this
+        snapshot: on a shared machine, timings taken while it is well above zero are slowed
+        by work that is not the benchmark's."""
+        now = cpu_snapshot()
+        if now is None or now.wall <= self.wall:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        other = (now.machine - self.machine) - (now.process - self.process)
+        return max(0.0, other / ticks / (now.wall - self.wall))
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """None where /proc is not Linux's."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        # user nice system idle iowait irq softirq steal (guest time is in user already)
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(mine[11]), int(mine[12])
+    except (OSError, ValueError, IndexError):
+        return None
+    machine = user + nice + system + irq + softirq + steal
+    return CpuSnapshot(machine=machine, process=utime + stime, wall=time.perf_counter())
