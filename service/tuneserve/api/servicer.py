@@ -4,6 +4,7 @@ result. Errors are mapped by the decorators in tuneserve.api.errors."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeAlias
@@ -154,14 +155,21 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
     @unary
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         self._require_ready()
-        parts: list[str] = []
-        last: GenerationChunk | None = None
-        async for chunk in self._generate(request):
-            parts.append(chunk.text)
-            last = chunk
-        assert last is not None
+        domain = convert.generation_request(request)
+        cancelled = threading.Event()
+
+        def collect() -> tuple[str, GenerationChunk]:
+            # The whole generation on one pool thread, one hop back: no per-token handoffs.
+            chunks = list(self._engine.generate(domain, is_cancelled=cancelled.is_set))
+            return "".join(c.text for c in chunks), chunks[-1]
+
+        loop = asyncio.get_running_loop()
+        try:
+            text, last = await loop.run_in_executor(self._generation_pool, collect)
+        finally:
+            cancelled.set()  # the caller went away (or we are done): stop decoding for it
         return pb.GenerateResponse(
-            text="".join(parts),
+            text=text,
             finish_reason=convert.finish_reason(last.finish_reason),  # type: ignore[arg-type]
             prompt_tokens=last.prompt_tokens,
             generated_tokens=last.generated_tokens,
