@@ -195,6 +195,7 @@ def server_config(s: Settings, args: argparse.Namespace, model_dir: Path, data: 
         device=args.device,
         dtype=args.dtype,
         listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
         data_dir=data,
         grace_period_s=1.0,
         max_batch_size=max(32, s.max_clients),

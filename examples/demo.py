@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from tuneserve.client import TuneserveClient
@@ -27,6 +28,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def print_metrics(port: int) -> None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    wanted = (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="GenerateStream"',
+        'tuneserve_jobs{state="SUCCEEDED"}',
+        "tuneserve_training_steps_total ",
+        "tuneserve_training_tokens_total ",
+        "tuneserve_generation_generated_tokens_total ",
+        "tuneserve_generation_time_to_first_token_seconds_count ",
+        "tuneserve_gpu_count ",
+    )
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            print(line)
 
 
 def run(*args: str, target: str) -> None:
@@ -51,7 +68,7 @@ def main() -> int:
         check=True,
     )
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log = (WORK / "server.log").open("w")
     print(f"== starting the server on {target} (log: {WORK / 'server.log'})", flush=True)
@@ -63,6 +80,8 @@ def main() -> int:
             str(WORK / "model"),
             "--listen",
             target,
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
             "--data-dir",
             str(WORK / "data"),
             "--dataset-roots",
@@ -106,6 +125,8 @@ def main() -> int:
                 "24",
                 target=target,
             )
+        print(f"\n== a few series from http://127.0.0.1:{metrics_port}/metrics", flush=True)
+        print_metrics(metrics_port)
     finally:
         print("\n== stopping the server (SIGTERM)", flush=True)
         server.send_signal(signal.SIGTERM)

@@ -55,6 +55,7 @@ def make_config(base_model: Path, data_dir: Path, **overrides: object) -> object
     return ServerConfig(
         base_model=str(base_model),
         listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
         data_dir=data_dir,
         grace_period_s=2.0,
         **overrides,  # type: ignore[arg-type]
@@ -73,6 +74,8 @@ class ServerProcess:
                 "--base-model",
                 str(model),
                 "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
                 "127.0.0.1:0",
                 "--data-dir",
                 str(data),

@@ -12,9 +12,11 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from tuneserve.api.interceptors import MetricsInterceptor
 from tuneserve.api.server import Health, create_server
 from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
@@ -22,6 +24,7 @@ from tuneserve.coserving import DevicePolicy
 from tuneserve.inference.engine import Engine
 from tuneserve.jobs.manager import JobManager, Limits
 from tuneserve.jobs.store import SQLiteJobStore
+from tuneserve.metrics import GpuCollector, Metrics
 from tuneserve.registry import AdapterRegistry
 from tuneserve.training.runner import LoraTrainer
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     config: ServerConfig
+    metrics: Metrics
     store: SQLiteJobStore
     registry: AdapterRegistry
     engine: Engine
@@ -39,8 +43,9 @@ class Services:
 
 def build_services(config: ServerConfig) -> Services:
     store = SQLiteJobStore(config.db_path)
+    metrics = Metrics()
     registry = AdapterRegistry(config.adapters_dir)
-    engine = Engine(config=config, registry=registry)
+    engine = Engine(config=config, registry=registry, observer=metrics)
     policy = DevicePolicy(generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s)
     jobs = JobManager(
         store=store,
@@ -59,15 +64,74 @@ def build_services(config: ServerConfig) -> Services:
         checkpoints_dir=config.checkpoints_dir,
         base_chat_template=lambda: getattr(engine.tokenizer, "chat_template", None),
         before_training_step=policy.before_training_step,
+        observer=metrics,
     )
-    return Services(config=config, store=store, registry=registry, engine=engine, jobs=jobs)
+    watch_service(metrics, engine, jobs, GpuCollector(torch_memory=_torch_memory))
+    return Services(
+        config=config, metrics=metrics, store=store, registry=registry, engine=engine, jobs=jobs
+    )
+
+
+def watch_service(metrics: Metrics, engine: Any, jobs: Any, gpu: Any) -> None:
+    """Series read at scrape time from the core's own state: the jobs by state, the decode
+    batch and queue, the adapter cache, and the GPUs (`gpu`, a GpuCollector)."""
+    metrics.watch_jobs(jobs.counts)
+    stats = lambda: engine.stats  # noqa: E731
+    metrics.watch(
+        "tuneserve_generation_batch_size", "Requests in the running batch.", lambda: stats().running
+    )
+    metrics.watch(
+        "tuneserve_generation_queue_depth",
+        "Requests waiting for a batch slot.",
+        lambda: stats().waiting,
+    )
+
+    def adapters() -> Any:
+        return engine.adapter_state() if engine.ready else None
+
+    metrics.watch(
+        "tuneserve_adapters_loaded",
+        "Adapters loaded for generation.",
+        lambda: len(a.loaded) if (a := adapters()) else 0,
+    )
+    metrics.watch_counter(
+        "tuneserve_adapter_loads",
+        "Adapter loads since start.",
+        lambda: a.loads if (a := adapters()) else 0,
+    )
+    metrics.watch_counter(
+        "tuneserve_adapter_evictions",
+        "Adapter evictions since start.",
+        lambda: a.evictions if (a := adapters()) else 0,
+    )
+    metrics.add_collector(gpu)
+
+
+def _torch_memory() -> list[tuple[str, int, int]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [
+        (f"cuda:{i}", torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i))
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 class RunningServer:
     """A started server; tests use it directly, `serve` runs one until a signal."""
 
-    def __init__(self, services: Services, server: grpc.aio.Server, port: int, health: Health):
+    def __init__(
+        self,
+        services: Services,
+        server: grpc.aio.Server,
+        port: int,
+        health: Health,
+        metrics_server: Any,
+        metrics_port: int,
+    ):
         self.services, self.server, self.port, self.health = services, server, port, health
+        self._metrics_server, self.metrics_port = metrics_server, metrics_port
 
     @classmethod
     async def start(cls, config: ServerConfig) -> RunningServer:
@@ -76,11 +140,20 @@ class RunningServer:
             jobs=services.jobs, registry=services.registry, engine=services.engine
         )
         server, port, health = await create_server(
-            servicer, address=config.listen, max_message_bytes=config.max_message_bytes
+            servicer,
+            address=config.listen,
+            max_message_bytes=config.max_message_bytes,
+            interceptors=[MetricsInterceptor(services.metrics)],
         )
         await server.start()
-        log.info("listening on port %d; loading %s", port, config.base_model)
-        return cls(services, server, port, health)
+        metrics_server, metrics_port = services.metrics.serve(config.metrics_listen)
+        log.info(
+            "listening on port %d (metrics on %d); loading %s",
+            port,
+            metrics_port,
+            config.base_model,
+        )
+        return cls(services, server, port, health, metrics_server, metrics_port)
 
     async def load(self) -> None:
         """Load and warm the model, start the job worker, turn health SERVING."""
@@ -95,6 +168,11 @@ class RunningServer:
         self.services.jobs.stop_accepting()
         await self.server.stop(self.services.config.grace_period_s)
         await asyncio.to_thread(self.services.jobs.stop)
+        await asyncio.to_thread(self.services.engine.stop)
+        http, thread = self._metrics_server
+        http.shutdown()
+        http.server_close()
+        thread.join(5)
         self.services.store.close()
         log.info("stopped")
 

@@ -36,6 +36,9 @@ class ServerConfig:
         "float32, bfloat16 or float16.",
     )
     listen: str = _opt("0.0.0.0:50051", "gRPC listen address host:port; port 0 picks a free one.")
+    metrics_listen: str = _opt(
+        "0.0.0.0:9090", "Prometheus /metrics over HTTP, host:port; port 0 picks a free one."
+    )
     data_dir: Path = _opt(
         Path("tuneserve-data"), "Where the job store, dataset snapshots and adapters live."
     )
@@ -106,9 +109,10 @@ class ServerConfig:
             bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", f"{self.dtype!r} is not auto, float32, bfloat16 or float16")
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            bad("listen", f"{self.listen!r} is not host:port")
+        for name in ("listen", "metrics_listen"):
+            host, sep, port = getattr(self, name).rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                bad(name, f"{getattr(self, name)!r} is not host:port")
         for name in ("dataset_roots", "adapter_import_roots"):
             for root in getattr(self, name):
                 if not root.is_dir():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -32,7 +34,11 @@ class Health:
 
 
 async def create_server(
-    servicer: TuneserveServicer, *, address: str, max_message_bytes: int
+    servicer: TuneserveServicer,
+    *,
+    address: str,
+    max_message_bytes: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, Health]:
     """A server bound to `address` (port 0 picks one), not yet started; health NOT_SERVING."""
     options = [
@@ -40,7 +46,7 @@ async def create_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=list(interceptors))
     pb_grpc.add_TuneserveServiceServicer_to_server(servicer, server)
     health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

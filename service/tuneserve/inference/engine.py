@@ -31,7 +31,12 @@ from tuneserve.inference.params import (
     SamplingParams,
     resolve_params,
 )
-from tuneserve.inference.scheduler import Request, Scheduler, SchedulerStats
+from tuneserve.inference.scheduler import (
+    GenerationObserver,
+    Request,
+    Scheduler,
+    SchedulerStats,
+)
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
     load_model,
@@ -58,8 +63,15 @@ class AdapterState:
 class Engine:
     """Thread-safe: every public method may be called from any thread."""
 
-    def __init__(self, *, config: ServerConfig, registry: AdapterRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        registry: AdapterRegistry,
+        observer: GenerationObserver | None = None,
+    ) -> None:
         self._config = config
+        self._observer = observer
         self._registry = registry
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -105,6 +117,7 @@ class Engine:
             device=self.device,
             max_batch_size=self._config.max_batch_size,
             max_queue=self._config.max_queued_requests,
+            observer=self._observer,
         )
         scheduler.start()
         self.tokenizer, self._scheduler = tokenizer, scheduler

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -51,6 +51,29 @@ R = TypeVar("R")
 IDLE_WAIT_S = 0.05
 
 
+class GenerationObserver(Protocol):
+    """Receives per-token and per-request timings (tuneserve.metrics.Metrics implements it)."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def next_token(self, seconds: float) -> None: ...
+
+    def generation_finished(
+        self, *, outcome: str, seconds: float, prompt_tokens: int, generated_tokens: int
+    ) -> None: ...
+
+
+class _NoObserver:
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def next_token(self, seconds: float) -> None:
+        pass
+
+    def generation_finished(self, **_: Any) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class Request:
     """One generation, from submission to its last chunk (put on `out`)."""
@@ -63,6 +86,7 @@ class Request:
     )
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
     # Decoding state, owned by the scheduler thread.
     history: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
@@ -89,12 +113,14 @@ class Scheduler:
         device: torch.device,
         max_batch_size: int,
         max_queue: int,
+        observer: GenerationObserver | None = None,
     ) -> None:
         self._adapters = adapters
         self._tokenizer = tokenizer
         self._device = device
         self._max_batch = max_batch_size
         self._max_queue = max_queue
+        self._observer: GenerationObserver = observer or _NoObserver()
         self._eos = tokenizer.eos_token_id
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._waiting: deque[Request] = deque()
@@ -183,6 +209,7 @@ class Scheduler:
             if request.cancelled.is_set():
                 self._dequeue(request)
                 request.out.put(self._chunk(request, "", FinishReason.CANCELLED))
+                self._finished(request, FinishReason.CANCELLED.value)
                 continue
             try:
                 if not self._adapters.ensure(request.adapter_id):
@@ -192,6 +219,7 @@ class Scheduler:
                     log.exception("adapter %s failed to load", request.adapter_id)
                 self._dequeue(request)
                 request.out.put(e)
+                self._finished(request, "ERROR")
                 continue
             self._dequeue(request)
             self._adapters.acquire(request.adapter_id)
@@ -308,6 +336,12 @@ class Scheduler:
     def _emit(self, request: Request, token: int) -> bool:
         """Stream what `token` adds; True when the request has finished."""
         assert request.decoder is not None
+        now = time.monotonic()
+        if request.last_token_at is None:
+            self._observer.first_token(now - request.submitted_at)
+        else:
+            self._observer.next_token(now - request.last_token_at)
+        request.last_token_at = now
         if token == self._eos:
             self._finish(request, request.decoder.flush(), FinishReason.EOS)
             return True
@@ -327,10 +361,20 @@ class Scheduler:
     def _finish(self, request: Request, text: str, reason: FinishReason) -> None:
         request.out.put(self._chunk(request, text, reason))
         self._adapters.release(request.adapter_id)
+        self._finished(request, reason.value)
 
     def _end(self, request: Request, *, error: BaseException) -> None:
         request.out.put(error)
         self._adapters.release(request.adapter_id)
+        self._finished(request, "ERROR")
+
+    def _finished(self, request: Request, outcome: str) -> None:
+        self._observer.generation_finished(
+            outcome=outcome,
+            seconds=time.monotonic() - request.submitted_at,
+            prompt_tokens=len(request.prompt_ids),
+            generated_tokens=len(request.generated),
+        )
 
     @staticmethod
     def _chunk(request: Request, text: str, reason: FinishReason | None) -> GenerationChunk:

@@ -92,6 +92,24 @@ class Trainer(Protocol):
     ) -> Any: ...
 
 
+class JobObserver(Protocol):
+    """Receives the job worker's events (tuneserve.metrics.Metrics implements it)."""
+
+    def job_progress(
+        self, *, steps: int, tokens: int, loss: float, tokens_per_second: float
+    ) -> None: ...
+
+    def job_finished(self, *, state: str, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def job_progress(self, **_: Any) -> None:
+        pass
+
+    def job_finished(self, **_: Any) -> None:
+        pass
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     dataset_roots: tuple[Path, ...] = ()
@@ -116,6 +134,7 @@ class JobManager:
         checkpoints_dir: Path | None = None,
         base_chat_template: Callable[[], str | None] = lambda: None,
         before_training_step: Callable[[], None] = lambda: None,
+        observer: JobObserver | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -127,6 +146,7 @@ class JobManager:
         self._checkpoints_dir = checkpoints_dir
         self._base_chat_template = base_chat_template
         self._before_training_step = before_training_step
+        self._observer: JobObserver = observer or _NoObserver()
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -303,6 +323,14 @@ class JobManager:
 
         def on_progress(progress: Progress) -> None:
             nonlocal last_persist
+            previous = job.progress
+            resumed = previous.step < progress.resumed_from_step  # first report after resume
+            self._observer.job_progress(
+                steps=progress.step - max(previous.step, progress.resumed_from_step),
+                tokens=0 if resumed else progress.trained_tokens - previous.trained_tokens,
+                loss=progress.loss,
+                tokens_per_second=progress.tokens_per_second,
+            )
             evaluated = progress.eval_step == progress.step
             # Every point is written at once: a run resumed from a checkpoint continues the
             # curve from there, so no step before a checkpoint may exist only in memory.
@@ -396,7 +424,13 @@ class JobManager:
         self.get(job_id)  # NotFound for an unknown job
         return self._store.loss_curve(job_id)
 
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, for metrics."""
+        return self._store.count_by_state()
+
     def _finish(self, job: Job, state: JobState, error: JobFailure | None) -> None:
+        if job.started_at is not None:
+            self._observer.job_finished(state=state.value, seconds=time.time() - job.started_at)
         if (checkpoints := self._checkpoint_dir(job.id)) is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)  # only an unfinished job resumes
         with self._cond:

@@ -74,6 +74,8 @@ class JobStore(Protocol):
 
     def loss_curve(self, job_id: str) -> builtins.list[LossPoint]: ...
 
+    def count_by_state(self) -> dict[str, int]: ...
+
     def close(self) -> None: ...
 
 
@@ -141,6 +143,11 @@ class SQLiteJobStore:
                 (job_id,),
             ).fetchall()
         return [LossPoint(*r) for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
 
     def close(self) -> None:
         with self._lock:
