@@ -13,7 +13,6 @@ import grpc
 
 from tuneserve.api import convert
 from tuneserve.api.errors import streaming, unary
-from tuneserve.api.threads import iterate_in_thread
 from tuneserve.errors import InvalidArgument, Unavailable
 from tuneserve.inference.params import GenerationChunk, GenerationRequest
 from tuneserve.jobs.manager import JobManager
@@ -36,6 +35,8 @@ class Generator(Protocol):
     def generate(
         self, request: GenerationRequest, *, is_cancelled: Callable[[], bool]
     ) -> Iterator[GenerationChunk]: ...
+
+    def generate_async(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
     def drop_adapter(self, adapter_id: str) -> None: ...
 
@@ -189,17 +190,10 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         self._require_ready()
-        async for chunk in self._generate(request):
+        # Chunks come straight from the decode thread to this coroutine (no thread of its
+        # own); when the caller goes away, the request leaves the batch at the next step.
+        async for chunk in self._engine.generate_async(convert.generation_request(request)):
             yield convert.stream_chunk(chunk)
-
-    def _generate(
-        self, request: pb.GenerateRequest | pb.GenerateStreamRequest
-    ) -> AsyncIterator[GenerationChunk]:
-        domain = convert.generation_request(request)
-        return iterate_in_thread(
-            lambda is_cancelled: self._engine.generate(domain, is_cancelled=is_cancelled),
-            executor=self._generation_pool,
-        )
 
     def _adapter(self, info: AdapterInfo) -> pb.Adapter:
         state = self._engine.adapter_state() if self._engine.ready else None

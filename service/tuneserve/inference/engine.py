@@ -6,11 +6,12 @@ take a place in the batch."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import queue
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -36,6 +37,7 @@ from tuneserve.inference.scheduler import (
     Request,
     Scheduler,
     SchedulerStats,
+    Sink,
 )
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
@@ -134,6 +136,49 @@ class Engine:
         self, request: GenerationRequest, *, is_cancelled: Callable[[], bool]
     ) -> Iterator[GenerationChunk]:
         """Chunks of new text as they are produced; the last carries the finish reason."""
+        out: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+        pending = self._submit(request, out)
+        try:
+            while True:
+                try:
+                    item = out.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if is_cancelled():
+                        pending.cancelled.set()  # it leaves the batch at the next step
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, error = _coalesce(item, out.get_nowait, queue.Empty)
+                yield chunk
+                if error is not None:
+                    raise error
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            pending.cancelled.set()  # the consumer stopped early: free the slot
+
+    async def generate_async(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """`generate` for an event loop: the decode thread hands each chunk straight to the
+        loop (no thread per request); cancelling the consumer frees the request's slot."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        pending = self._submit(request, _LoopSink(loop, out))
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, error = _coalesce(item, out.get_nowait, asyncio.QueueEmpty)
+                yield chunk
+                if error is not None:
+                    raise error
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            pending.cancelled.set()
+
+    def _submit(self, request: GenerationRequest, out: Sink) -> Request:
+        """Check the request on the caller's thread, then queue it for the decode loop."""
         if self._scheduler is None or self.tokenizer is None:
             raise Unavailable("the model is still loading")
         params = resolve_params(
@@ -145,26 +190,11 @@ class Engine:
             check_servable(
                 self._registry.get(check_adapter_id(request.adapter_id)), self._config.base_model
             )
-        pending = Request(self._encode_prompt(request.prompt, params), params, request.adapter_id)
+        pending = Request(
+            self._encode_prompt(request.prompt, params), params, request.adapter_id, out=out
+        )
         self._scheduler.submit(pending)
-        try:
-            while True:
-                try:
-                    item = pending.out.get(timeout=CANCEL_POLL_S)
-                except queue.Empty:
-                    if is_cancelled():
-                        pending.cancelled.set()  # it leaves the batch at the next step
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                chunk, error = _coalesce(item, pending.out)
-                yield chunk
-                if error is not None:
-                    raise error
-                if chunk.finish_reason is not None:
-                    return
-        finally:
-            pending.cancelled.set()  # the consumer stopped early: free the slot
+        return pending
 
     def load_adapter(self, adapter_id: str, *, pin: bool) -> AdapterState:
         """Load (and optionally pin) an adapter now, so its first request does not wait."""
@@ -286,18 +316,32 @@ class Engine:
 
 
 def _coalesce(
-    first: GenerationChunk, out: queue.SimpleQueue[GenerationChunk | BaseException]
+    first: GenerationChunk,
+    get_nowait: Callable[[], GenerationChunk | BaseException],
+    empty: type[Exception],
 ) -> tuple[GenerationChunk, BaseException | None]:
     """Merge the chunks already waiting into one: a caller that fell behind gets one message
     per wake-up instead of one per token. Returns an error that came after them, if any."""
     texts, last = [first.text], first
     while last.finish_reason is None:
         try:
-            item = out.get_nowait()
-        except queue.Empty:
+            item = get_nowait()
+        except empty:
             break
         if isinstance(item, BaseException):
             return dataclasses.replace(last, text="".join(texts)), item
         texts.append(item.text)
         last = item
     return dataclasses.replace(last, text="".join(texts)), None
+
+
+class _LoopSink:
+    """Puts from the decode thread onto an asyncio queue, through the loop."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue[GenerationChunk | BaseException]
+    ) -> None:
+        self._loop, self._out = loop, out
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._out.put_nowait, item)

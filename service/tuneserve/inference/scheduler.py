@@ -51,6 +51,14 @@ R = TypeVar("R")
 IDLE_WAIT_S = 0.05
 
 
+class Sink(Protocol):
+    def put(self, item: GenerationChunk | BaseException) -> None: ...
+
+
+def _new_queue() -> queue.SimpleQueue[GenerationChunk | BaseException]:
+    return queue.SimpleQueue()
+
+
 class GenerationObserver(Protocol):
     """Receives per-token and per-request timings (tuneserve.metrics.Metrics implements it)."""
 
@@ -81,9 +89,9 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter_id: str = ""
-    out: queue.SimpleQueue[GenerationChunk | BaseException] = field(
-        default_factory=queue.SimpleQueue
-    )
+    # Where chunks go: a thread-safe queue, or anything with a thread-safe put (an event
+    # loop sink, so async callers get each chunk without a thread of their own).
+    out: Sink = field(default_factory=lambda: _new_queue())
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
