@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from tuneserve.data.examples import Example, collate
 from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.jobs.model import Task, check_adapter_id
 from tuneserve.models import load_classifier
@@ -75,15 +76,11 @@ class Classifier:
         with self._lock, torch.inference_mode():
             model = self._model(adapter_id, info.labels, pad)
             for start in range(0, len(encoded), BATCH):
-                chunk = encoded[start : start + BATCH]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, ids in enumerate(chunk):
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    mask[row, : len(ids)] = 1
+                chunk = [Example(ids, ids) for ids in encoded[start : start + BATCH]]
+                batch = collate(chunk, pad)  # the training path's padding, labels unused
                 logits = model(
-                    input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)
+                    input_ids=batch["input_ids"].to(self._device),
+                    attention_mask=batch["attention_mask"].to(self._device),
                 ).logits.float()
                 for probs in torch.softmax(logits, dim=-1).tolist():
                     scores = sorted(zip(info.labels, probs, strict=True), key=lambda s: -s[1])
