@@ -5,25 +5,30 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # CPU machines take the local CPU build of torch; the CUDA image installs its own.
 TORCH_SPEC ?= torch==2.13.0
-PROTO_OUT := service/tuneserve/v1
-PY_SOURCES := $(wildcard service tests examples bench)
+# The client package owns the generated code; the server imports it from there.
+CLIENT_SRC := clients/python/src
+PROTO_OUT := $(CLIENT_SRC)/tuneserve_client/v1
+PY_SOURCES := $(wildcard service clients/python/src tests examples bench)
 
 .PHONY: setup proto demo test unit lint fmt serve clean bench
 
 setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e clients/python -e ".[dev]"
 	touch $@
 
-# Generated code is built from proto/, never edited or committed.
+# Generated code is built from proto/, never edited or committed. protoc names Python
+# modules after the .proto's path, so the file is staged as tuneserve_client/v1/.
 proto $(PROTO_OUT)/__init__.py: proto/tuneserve/v1/tuneserve.proto $(VENV)/.installed
-	mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -I proto --python_out=service --grpc_python_out=service \
-		--pyi_out=service proto/tuneserve/v1/tuneserve.proto
+	rm -rf build/proto && mkdir -p build/proto/tuneserve_client/v1 $(PROTO_OUT)
+	cp proto/tuneserve/v1/tuneserve.proto build/proto/tuneserve_client/v1/
+	$(PY) -m grpc_tools.protoc -I build/proto --python_out=$(CLIENT_SRC) \
+		--grpc_python_out=$(CLIENT_SRC) --pyi_out=$(CLIENT_SRC) \
+		build/proto/tuneserve_client/v1/tuneserve.proto
 	touch $(PROTO_OUT)/__init__.py
 
 demo: setup

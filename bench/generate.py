@@ -77,13 +77,13 @@ from bench.common import (
     write_json,
 )
 from tuneserve.app import RunningServer
-from tuneserve.client import FINAL_STATES, TuneserveClient
 from tuneserve.config import ServerConfig
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import FINAL_STATES, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 R = TypeVar("R")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tuneserve.client import TuneserveClient
+from tuneserve_client import TuneserveClient
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"

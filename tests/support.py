@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from tuneserve.client import TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 VADER = ROOT / "examples" / "vader.jsonl"

@@ -18,8 +18,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import ClientError, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_") for k, v in pb.FinishReason.items()}

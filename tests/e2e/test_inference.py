@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from tests.support import make_config, vader_rows
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
-from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from tuneserve_client import ClientError, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
+from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 

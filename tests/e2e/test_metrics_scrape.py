@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import make_config, vader_rows
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import ClientError, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 

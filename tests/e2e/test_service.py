@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.support import ServerThread, make_config, vader_rows
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import ClientError, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 
@@ -309,7 +309,7 @@ def test_llama_architecture_trains_and_generates(
 def test_cancelled_stream_frees_the_engine_and_other_calls_stay_answered(served: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+    from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
     client: TuneserveClient = served["client"]
     channel = grpc.insecure_channel(served["server"].target)

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from tests.support import ServerProcess, make_config, vader_rows, wait_running
-from tuneserve.client import ClientError, TuneserveClient
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client import ClientError, TuneserveClient
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-MODULES = ["tuneserve.api.servicer", "tuneserve.api.server", "tuneserve.client", "tuneserve.cli"]
+MODULES = ["tuneserve.api.servicer", "tuneserve.api.server", "tuneserve_client", "tuneserve.cli"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -17,7 +17,7 @@ from tuneserve.jobs.manager import TrainRequest
 from tuneserve.jobs.model import Job, JobState, LoraSpec, Task, TrainingSpec
 from tuneserve.jobs.store import LossPoint
 from tuneserve.registry import AdapterInfo
-from tuneserve.v1 import tuneserve_pb2 as pb
+from tuneserve_client.v1 import tuneserve_pb2 as pb
 
 _STATES = {
     JobState.QUEUED: pb.JOB_STATE_QUEUED,

@@ -11,8 +11,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from tuneserve.api.servicer import TuneserveServicer
-from tuneserve.v1 import tuneserve_pb2 as pb
-from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from tuneserve_client.v1 import tuneserve_pb2 as pb
+from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TuneserveService"].full_name
 

@@ -17,8 +17,8 @@ from tuneserve.errors import InvalidArgument, Unavailable
 from tuneserve.inference.params import GenerationChunk, GenerationRequest
 from tuneserve.jobs.manager import JobManager
 from tuneserve.registry import AdapterInfo, AdapterRegistry
-from tuneserve.v1 import tuneserve_pb2 as pb
-from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from tuneserve_client.v1 import tuneserve_pb2 as pb
+from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 MAX_PAGE_SIZE = 1000

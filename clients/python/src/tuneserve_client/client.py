@@ -1,6 +1,6 @@
 """A Python client for tuneserve. Light: grpcio and protobuf only, no torch.
 
-from tuneserve.client import TuneserveClient
+from tuneserve_client import TuneserveClient
 with TuneserveClient("localhost:50051") as client:
     job = client.train(rows=[{"prompt": "Q: hi", "response": " hello"}], adapter_id="hi")
     job = client.wait(job.id)
@@ -17,8 +17,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tuneserve.v1 import tuneserve_pb2 as pb
-from tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from tuneserve_client.v1 import tuneserve_pb2 as pb
+from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 FINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
