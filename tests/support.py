@@ -49,6 +49,31 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(300)  # type: ignore[arg-type]
 
 
+def write_tls_files(directory: Path) -> dict[str, Path]:
+    """PEM files under `directory`: a CA ("ca"), a server certificate for localhost and
+    127.0.0.1 signed by it ("server_cert", "server_key"), a client certificate signed by it
+    ("client_cert", "client_key") and one signed by another CA ("stranger_cert", ...)."""
+    import trustme
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert("client@example.com")
+    stranger = other_ca.issue_cert("stranger@example.com")
+    blobs = {
+        "ca": ca.cert_pem.bytes(),
+        "server_cert": b"".join(b.bytes() for b in server.cert_chain_pems),
+        "server_key": server.private_key_pem.bytes(),
+        "client_cert": client.cert_chain_pems[0].bytes(),
+        "client_key": client.private_key_pem.bytes(),
+        "stranger_cert": stranger.cert_chain_pems[0].bytes(),
+        "stranger_key": stranger.private_key_pem.bytes(),
+    }
+    paths = {name: directory / f"{name}.pem" for name in blobs}
+    for name, blob in blobs.items():
+        paths[name].write_bytes(blob)
+    return paths
+
+
 def make_config(base_model: Path, data_dir: Path, **overrides: object) -> object:
     from tuneserve.config import ServerConfig
 

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 
 from tuneserve.api.interceptors import MetricsInterceptor
-from tuneserve.api.server import Health, create_server
+from tuneserve.api.security import BearerTokenInterceptor, TokenFile, server_credentials
+from tuneserve.api.server import Health, create_health_server, create_server
 from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
 from tuneserve.coserving import DevicePolicy
@@ -129,9 +130,15 @@ class RunningServer:
         health: Health,
         metrics_server: Any,
         metrics_port: int,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int | None = None,
+        auth: BearerTokenInterceptor | None = None,
     ):
         self.services, self.server, self.port, self.health = services, server, port, health
         self._metrics_server, self.metrics_port = metrics_server, metrics_port
+        # The plaintext health-only port (health_listen), if any.
+        self.health_server, self.health_port = health_server, health_port
+        self.auth = auth
 
     @classmethod
     async def start(cls, config: ServerConfig) -> RunningServer:
@@ -139,21 +146,51 @@ class RunningServer:
         servicer = TuneserveServicer(
             jobs=services.jobs, registry=services.registry, engine=services.engine
         )
+        auth = None
+        if config.auth_tokens_file:
+            auth = BearerTokenInterceptor(TokenFile(config.auth_tokens_file))
+        credentials = server_credentials(config)
+        if auth is not None and credentials is None:
+            log.warning(
+                "bearer tokens are required but the port is plaintext: tokens travel in clear"
+            )
         server, port, health = await create_server(
             servicer,
             address=config.listen,
             max_message_bytes=config.max_message_bytes,
             interceptors=[MetricsInterceptor(services.metrics)],
+            credentials=credentials,
+            auth=auth,
         )
+        health_server, health_port = None, None
+        if config.health_listen:
+            health_server, health_port = await create_health_server(
+                health, address=config.health_listen
+            )
         await server.start()
+        if health_server is not None:
+            await health_server.start()
         metrics_server, metrics_port = services.metrics.serve(config.metrics_listen)
         log.info(
-            "listening on port %d (metrics on %d); loading %s",
+            "listening on port %d (%s%s; metrics on %d%s); loading %s",
             port,
+            _transport(config),
+            ", bearer tokens" if auth is not None else "",
             metrics_port,
+            f", plaintext health on {health_port}" if health_port is not None else "",
             config.base_model,
         )
-        return cls(services, server, port, health, metrics_server, metrics_port)
+        return cls(
+            services,
+            server,
+            port,
+            health,
+            metrics_server,
+            metrics_port,
+            health_server=health_server,
+            health_port=health_port,
+            auth=auth,
+        )
 
     async def load(self) -> None:
         """Load and warm the model, start the job worker, turn health SERVING."""
@@ -167,6 +204,8 @@ class RunningServer:
         await self.health.set(False)
         self.services.jobs.stop_accepting()
         await self.server.stop(self.services.config.grace_period_s)
+        if self.health_server is not None:  # answered NOT_SERVING while the main port drained
+            await self.health_server.stop(0)
         await asyncio.to_thread(self.services.jobs.stop)
         await asyncio.to_thread(self.services.engine.stop)
         http, thread = self._metrics_server
@@ -175,6 +214,12 @@ class RunningServer:
         thread.join(5)
         self.services.store.close()
         log.info("stopped")
+
+
+def _transport(config: ServerConfig) -> str:
+    if not config.tls_cert_file:
+        return "plaintext"
+    return "mutual TLS" if config.tls_client_ca_file else "TLS"
 
 
 async def serve(config: ServerConfig) -> None:

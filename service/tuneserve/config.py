@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,28 @@ class ServerConfig:
     listen: str = _opt("0.0.0.0:50051", "gRPC listen address host:port; port 0 picks a free one.")
     metrics_listen: str = _opt(
         "0.0.0.0:9090", "Prometheus /metrics over HTTP, host:port; port 0 picks a free one."
+    )
+    health_listen: str = _opt(
+        "",
+        "A second, plaintext gRPC port serving only grpc.health.v1, host:port (port 0 picks "
+        "a free one), for Kubernetes gRPC probes when the main port speaks TLS. Empty: off.",
+    )
+    tls_cert_file: str = _opt(
+        "",
+        "PEM certificate chain (server certificate first); with tls_key_file, the main gRPC "
+        "port speaks TLS. Empty: plaintext.",
+    )
+    tls_key_file: str = _opt("", "PEM private key of tls_cert_file (unencrypted).")
+    tls_client_ca_file: str = _opt(
+        "",
+        "PEM CA certificate(s): mutual TLS, every client must present a certificate signed "
+        "by one of them. Needs tls_cert_file. Empty: no client certificates asked for.",
+    )
+    auth_tokens_file: str = _opt(
+        "",
+        "Bearer tokens, one per line (blank lines and lines starting with # ignored): every "
+        "call except grpc.health.v1 must send metadata 'authorization: Bearer <token>'. "
+        "Re-read when it changes (a rotated Secret). Empty: no tokens asked for.",
     )
     data_dir: Path = _opt(
         Path("tuneserve-data"), "Where the job store, dataset snapshots and adapters live."
@@ -109,7 +132,9 @@ class ServerConfig:
             bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", f"{self.dtype!r} is not auto, float32, bfloat16 or float16")
-        for name in ("listen", "metrics_listen"):
+        for name in ("listen", "metrics_listen", "health_listen"):
+            if name == "health_listen" and not self.health_listen:
+                continue
             host, sep, port = getattr(self, name).rpartition(":")
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 bad(name, f"{getattr(self, name)!r} is not host:port")
@@ -117,6 +142,8 @@ class ServerConfig:
             for root in getattr(self, name):
                 if not root.is_dir():
                     bad(name, f"{root} is not a directory")
+        for name, message in _security_problems(self):
+            bad(name, message)
         if self.training_yield_s < 0:
             bad("training_yield_s", "must not be negative")
         for name in (
@@ -149,6 +176,84 @@ class ServerConfig:
             adapter_import_roots=tuple(r.resolve() for r in self.adapter_import_roots),
             log_level=self.log_level.upper(),
         )
+
+
+def _security_problems(config: ServerConfig) -> list[tuple[str, str]]:
+    """TLS files that pair up, exist and parse (the key must match the certificate), and a
+    tokens file with at least one token. Checked with the standard ssl module, which reads
+    PEM the way gRPC's BoringSSL does, so a file that passes here loads there."""
+    problems: list[tuple[str, str]] = []
+    cert, key, ca = config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
+    if cert and not key:
+        problems.append(("tls_key_file", "required with tls_cert_file"))
+    if key and not cert:
+        problems.append(("tls_cert_file", "required with tls_key_file"))
+    if ca and not cert:
+        problems.append(("tls_client_ca_file", "needs tls_cert_file and tls_key_file"))
+    texts: dict[str, str] = {}
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        try:
+            texts[name] = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append((name, f"cannot read {path}: {_reason(e)}"))
+    if "tls_cert_file" in texts:
+        if not _holds_certificates(texts["tls_cert_file"]):
+            problems.append(("tls_cert_file", f"{cert} holds no PEM certificate"))
+        elif "tls_key_file" in texts:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+            except (ssl.SSLError, OSError) as e:
+                problems.append(
+                    (
+                        "tls_key_file",
+                        f"{key} is not an unencrypted PEM private key for {cert}: {_reason(e)}",
+                    )
+                )
+    if "tls_client_ca_file" in texts and not _holds_certificates(texts["tls_client_ca_file"]):
+        problems.append(("tls_client_ca_file", f"{ca} holds no PEM certificate"))
+    if config.auth_tokens_file:
+        try:
+            read_auth_tokens(config.auth_tokens_file)
+        except (OSError, ValueError) as e:
+            problems.append(("auth_tokens_file", f"{config.auth_tokens_file}: {_reason(e)}"))
+    return problems
+
+
+def _holds_certificates(pem: str) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        return False
+    return True
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def read_auth_tokens(path: str | Path) -> frozenset[str]:
+    """The bearer tokens in `path`: one per line, surrounding whitespace stripped, blank lines
+    and lines starting with # skipped. Raises OSError when the file cannot be read and
+    ValueError when it holds no token or a line is not one token; messages name the line,
+    never its text, since that would be a secret."""
+    tokens: set[str] = set()
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+            raise ValueError(f"line {number} is not one token (printable ASCII, no spaces)")
+        tokens.add(token)
+    if not tokens:
+        raise ValueError("no tokens (one per line; blank lines and # comments are skipped)")
+    return frozenset(tokens)
 
 
 def _flag(name: str) -> str:

@@ -66,6 +66,17 @@ class Cancelled(TuneserveError):
     reason = "CANCELLED"
 
 
+class Unauthenticated(TuneserveError):
+    """The caller did not prove who it is: no credentials, or ones the server does not
+    accept. `reason` says which (MISSING_TOKEN, INVALID_TOKEN)."""
+
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, *, reason: str = "UNAUTHENTICATED") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def collect(problems: list[InvalidArgument]) -> None:
     """Raise every problem at once, or nothing if there are none."""
     if len(problems) == 1:

@@ -1,0 +1,163 @@
+"""Who may talk to the gRPC port: TLS (and mutual TLS) credentials built from the
+configuration, and bearer tokens checked by a server interceptor.
+
+Tokens: every call must send metadata `authorization: Bearer <token>`, except
+grpc.health.v1, which kubelet probes call without credentials. Server reflection needs a token
+like any other call: it lists the whole API (grpcurl: `-H 'authorization: Bearer …'`, or
+`-proto` files without reflection). A refused call ends UNAUTHENTICATED with an ErrorInfo
+whose reason is MISSING_TOKEN or INVALID_TOKEN, from the one error table (api.errors).
+The tokens file is re-read when it changes, so a rotated Kubernetes Secret takes effect
+without a restart; tokens are compared in constant time and never logged."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tuneserve import errors
+from tuneserve.api.errors import to_status
+from tuneserve.config import ServerConfig, read_auth_tokens
+
+log = logging.getLogger(__name__)
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the main port, or None for plaintext. With a client CA, clients
+    must present a certificate signed by it (the handshake fails otherwise)."""
+    if not config.tls_cert_file:
+        return None
+    cert = Path(config.tls_cert_file).read_bytes()
+    key = Path(config.tls_key_file).read_bytes()
+    ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class TokenFile:
+    """The accepted tokens, re-read from `path` when its modification time (or size, or
+    inode: a Secret's files are swapped by symlink) changes, looked at no more often than
+    every `reload_interval_s`. A file that cannot be read or holds no token keeps the last
+    good set and logs a warning; the first read must succeed (config validation saw to it).
+
+    Not thread-safe: used from the server's event loop only."""
+
+    reload_interval_s: float = 5.0
+
+    def __init__(self, path: str | Path, *, reload_interval_s: float | None = None) -> None:
+        self.path = Path(path)
+        if reload_interval_s is not None:
+            self.reload_interval_s = reload_interval_s
+        self._signature = self._stat()
+        self._tokens = [t.encode() for t in read_auth_tokens(self.path)]
+        self._checked_at = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.reload_interval_s:
+            return
+        self._checked_at = now
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
+            tokens = read_auth_tokens(self.path)
+        except (OSError, ValueError) as e:
+            log.warning(
+                "auth tokens file %s unusable (%s); keeping the %d tokens read before",
+                self.path,
+                e,
+                len(self._tokens),
+            )
+            return
+        self._tokens = [t.encode() for t in tokens]
+        log.info("auth tokens file %s re-read: %d tokens", self.path, len(self._tokens))
+
+    def accepts(self, token: str) -> bool:
+        """Whether `token` is one of the tokens, in time that does not depend on how much of
+        it matches any of them."""
+        self._refresh()
+        given = token.encode()
+        matched = False
+        for known in self._tokens:
+            matched |= hmac.compare_digest(known, given)
+        return matched
+
+
+def check_bearer(metadata: Any, tokens: TokenFile) -> None:
+    """Raise errors.Unauthenticated unless `metadata` carries an accepted bearer token."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if not values:
+        raise errors.Unauthenticated(
+            "missing metadata 'authorization: Bearer <token>'", reason="MISSING_TOKEN"
+        )
+    value = values[0]
+    if isinstance(value, bytes):  # only -bin keys are bytes; be safe anyway
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not tokens.accepts(token.strip()):
+        raise errors.Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without an accepted bearer token, before the handler runs. Put it after
+    the metrics interceptor so refused calls are still counted (as UNAUTHENTICATED)."""
+
+    def __init__(self, tokens: TokenFile, *, exempt: tuple[str, ...] = EXEMPT_PREFIXES):
+        self.tokens = tokens
+        self._exempt = exempt
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._exempt):
+            return handler
+        try:
+            check_bearer(details.invocation_metadata, self.tokens)
+        except errors.Unauthenticated as e:
+            log.info("refused %s: %s", details.method, e.reason)
+            return _refusal(handler, to_status(e))
+        return handler
+
+
+def _refusal(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call with `status`."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort_with_status(status)
+
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort_with_status(status)
+        yield  # pragma: no cover - makes this an async generator
+
+    # The request is left as bytes: nothing from an unauthenticated caller gets parsed.
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
