@@ -4,6 +4,16 @@ This package also owns the generated API code (`tuneserve_client.v1`, built from
 proto/ by `make proto`): the server imports it from here, so a process that runs both
 holds one copy of the descriptors."""
 
-from tuneserve_client.client import FINAL_STATES, ClientError, TuneserveClient
+from tuneserve_client.client import DEFAULT, FINAL_STATES, TuneserveClient
+from tuneserve_client.errors import ClientError
+from tuneserve_client.progress import progress_printer
+from tuneserve_client.retry import RetryPolicy
 
-__all__ = ["FINAL_STATES", "ClientError", "TuneserveClient"]
+__all__ = [
+    "DEFAULT",
+    "FINAL_STATES",
+    "ClientError",
+    "RetryPolicy",
+    "TuneserveClient",
+    "progress_printer",
+]

@@ -3,83 +3,95 @@
 from tuneserve_client import TuneserveClient
 with TuneserveClient("localhost:50051") as client:
     job = client.train(rows=[{"prompt": "Q: hi", "response": " hello"}], adapter_id="hi")
-    job = client.wait(job.id)
+    job = client.wait_for_job(job.id)
     print(client.generate("Q: hi", adapter_id="hi", greedy=True).text)
+
+Every call has a deadline (the constructor's `timeout`, or `generation_timeout` for the calls
+that take as long as the model needs; `timeout=` on the call overrides it) and is retried on
+UNAVAILABLE and RESOURCE_EXHAUSTED by the client's RetryPolicy. A TrainJob is sent with a
+request_id (one is generated if the caller gave none) so that a retried submit is never
+queued twice. A stream is retried only until its first message arrives.
 """
 
 from __future__ import annotations
 
+import enum
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from tuneserve_client.channel import PemSource, open_channel
+from tuneserve_client.errors import ClientError
+from tuneserve_client.retry import RetryPolicy, call_with_retries
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 FINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
+__all__ = ["DEFAULT", "FINAL_STATES", "ClientError", "RetryPolicy", "TuneserveClient"]
 
-class ClientError(Exception):
-    """A failed call, with the server's rich error details unpacked."""
+T = TypeVar("T")
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        *,
-        reason: str = "",
-        field: str = "",
-        row: int | None = None,
-        violations: list[tuple[str, str]] | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.reason = code, message, reason
-        self.field, self.row, self.violations = field, row, violations or []
-        self.retry_after_s = retry_after_s  # the server's hint, with RESOURCE_EXHAUSTED
 
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
-        call: Any = error
-        status = rpc_status.from_call(call)
-        reason, field, row, violations, retry = "", "", None, [], None
-        for detail in status.details if status else []:
-            info = error_details_pb2.ErrorInfo()
-            bad = error_details_pb2.BadRequest()
-            retry_info = error_details_pb2.RetryInfo()
-            if detail.Unpack(info):
-                reason, field = info.reason, info.metadata.get("field", "")
-                row = int(info.metadata["row"]) if "row" in info.metadata else None
-            elif detail.Unpack(bad):
-                violations = [(v.field, v.description) for v in bad.field_violations]
-            elif detail.Unpack(retry_info):
-                retry = retry_info.retry_delay.ToNanoseconds() / 1e9
-        return cls(
-            call.code(),
-            call.details() or "",
-            reason=reason,
-            field=field,
-            row=row,
-            violations=violations,
-            retry_after_s=retry,
-        )
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+
+DEFAULT = _Default.DEFAULT
+"""`timeout=DEFAULT` (the default) takes the client's deadline for that kind of call."""
+
+Timeout = float | None | _Default
 
 
 class TuneserveClient:
-    def __init__(self, target: str, *, timeout: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(
+    """A connection to one tuneserve server. Thread-safe: calls may be made from many
+    threads at once on one client (they share its channel)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        generation_timeout: float | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen, so safe to share)
+        tls: bool = False,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        server_name_override: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        """
+        target: "host:port".
+        timeout: seconds each quick call (jobs, adapters' metadata) may take, retries
+            included; None for no deadline.
+        generation_timeout: the same for Generate, GenerateStream, Classify, LoadAdapter and
+            ImportAdapter, which take as long as the model needs (default: no deadline).
+        retry: when to retry; None or RetryPolicy.off() never retries.
+        tls: use TLS with the system's trust store (implied by any certificate below).
+        root_certificates: the CA that signed the server's certificate (PEM bytes, or a path).
+        certificate_chain, private_key: the client's certificate and key, for mutual TLS.
+        server_name_override: the name to check the server's certificate against, when it
+            is not the host in `target` (grpc.ssl_target_name_override).
+        token: sent as `authorization: Bearer <token>` with every call.
+        """
+        self._channel, self._metadata = open_channel(
             target,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name_override=server_name_override,
+            token=token,
         )
         self._stub = pb_grpc.TuneserveServiceStub(self._channel)
+        self.target = target
         self.timeout = timeout
+        self.generation_timeout = generation_timeout
+        self.retry = retry or RetryPolicy.off()
 
     def __enter__(self) -> TuneserveClient:
         return self
@@ -98,7 +110,8 @@ class TuneserveClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                request = health_pb2.HealthCheckRequest()
+                status = stub.Check(request, timeout=5, metadata=self._metadata).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -124,14 +137,17 @@ class TuneserveClient:
         task: pb.TaskType = pb.TASK_TYPE_CAUSAL_LM,
         labels: Iterable[str] = (),
         chat_template: str = "",
+        timeout: Timeout = DEFAULT,
     ) -> pb.Job:
-        """Rows are dicts of `text`, or of `prompt` and `response`; paths are on the server."""
+        """Rows are dicts of `text`, or of `prompt` and `response`; paths are on the server.
+        `request_id` is the idempotency key; without one a fresh key is made, so that a
+        retry of this call returns the job the first attempt queued."""
         request = pb.TrainJobRequest(
             dataset=_dataset(rows, dataset_path),
             adapter_id=adapter_id,
             lora=lora,
             training=training,
-            request_id=request_id,
+            request_id=request_id or uuid.uuid4().hex,
             parent_adapter_id=parent_adapter_id,
             task=task,
             labels=list(labels),
@@ -139,41 +155,47 @@ class TuneserveClient:
         )
         if validation_rows is not None or validation_path is not None:
             request.validation.CopyFrom(_dataset(validation_rows, validation_path))
-        return self._call(self._stub.TrainJob, request).job
+        return self._call(self._stub.TrainJob, request, timeout).job
 
-    def get_status(self, job_id: str) -> pb.Job:
-        return self._call(self._stub.GetStatus, pb.GetStatusRequest(job_id=job_id)).job
+    def get_status(self, job_id: str, *, timeout: Timeout = DEFAULT) -> pb.Job:
+        return self._call(self._stub.GetStatus, pb.GetStatusRequest(job_id=job_id), timeout).job
 
-    def loss_curve(self, job_id: str) -> list[pb.LossPoint]:
+    def loss_curve(self, job_id: str, *, timeout: Timeout = DEFAULT) -> list[pb.LossPoint]:
         request = pb.GetLossCurveRequest(job_id=job_id)
-        return list(self._call(self._stub.GetLossCurve, request).points)
+        return list(self._call(self._stub.GetLossCurve, request, timeout).points)
 
-    def cancel(self, job_id: str) -> pb.Job:
-        return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job
+    def cancel(self, job_id: str, *, timeout: Timeout = DEFAULT) -> pb.Job:
+        return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout).job
 
     def list_jobs(
-        self, *, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, page_size: int = 50
+        self,
+        *,
+        state: pb.JobState = pb.JOB_STATE_UNSPECIFIED,
+        page_size: int = 50,
+        timeout: Timeout = DEFAULT,
     ) -> Iterator[pb.Job]:
+        """Every job, newest first, fetched a page at a time (`timeout` is per page)."""
         token = ""
         while True:
-            page = self._call(
-                self._stub.ListJobs,
-                pb.ListJobsRequest(page_size=page_size, page_token=token, state=state),
-            )
+            request = pb.ListJobsRequest(page_size=page_size, page_token=token, state=state)
+            page = self._call(self._stub.ListJobs, request, timeout)
             yield from page.jobs
             token = page.next_page_token
             if not token:
                 return
 
-    def wait(
+    def wait_for_job(
         self,
         job_id: str,
         *,
+        on_progress: Callable[[pb.Job], None] | None = None,
         poll_s: float = 0.5,
         timeout: float | None = None,
-        on_progress: Callable[[pb.Job], None] | None = None,
     ) -> pb.Job:
-        """Poll until the job is SUCCEEDED, FAILED or CANCELLED; return it."""
+        """Poll until the job is SUCCEEDED, FAILED or CANCELLED and return it (it does not
+        raise for FAILED: look at `job.state` and `job.error`). `on_progress` sees the job
+        at every poll (`progress_printer()` prints a line when it moves). TimeoutError after
+        `timeout` seconds; None waits as long as it takes."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get_status(job_id)
@@ -185,63 +207,100 @@ class TuneserveClient:
                 raise TimeoutError(f"job {job_id} not finished after {timeout}s")
             time.sleep(poll_s)
 
+    wait = wait_for_job
+
     # --- adapters
 
-    def list_adapters(self) -> list[pb.Adapter]:
-        return list(self._call(self._stub.ListAdapters, pb.ListAdaptersRequest()).adapters)
+    def list_adapters(self, *, timeout: Timeout = DEFAULT) -> list[pb.Adapter]:
+        request = pb.ListAdaptersRequest()
+        return list(self._call(self._stub.ListAdapters, request, timeout).adapters)
 
-    def get_adapter(self, adapter_id: str) -> pb.Adapter:
-        return self._call(
-            self._stub.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id)
-        ).adapter
+    def get_adapter(self, adapter_id: str, *, timeout: Timeout = DEFAULT) -> pb.Adapter:
+        request = pb.GetAdapterRequest(adapter_id=adapter_id)
+        return self._call(self._stub.GetAdapter, request, timeout).adapter
 
-    def load_adapter(self, adapter_id: str, *, pin: bool = False) -> pb.Adapter:
+    def load_adapter(
+        self, adapter_id: str, *, pin: bool = False, timeout: Timeout = DEFAULT
+    ) -> pb.Adapter:
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin)
-        return self._call(self._stub.LoadAdapter, request, timeout=None).adapter
+        return self._call(self._stub.LoadAdapter, request, timeout, slow=True).adapter
 
-    def unload_adapter(self, adapter_id: str) -> pb.Adapter:
+    def unload_adapter(self, adapter_id: str, *, timeout: Timeout = DEFAULT) -> pb.Adapter:
         request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
-        return self._call(self._stub.UnloadAdapter, request).adapter
+        return self._call(self._stub.UnloadAdapter, request, timeout).adapter
 
-    def import_adapter(self, path: str, adapter_id: str) -> pb.Adapter:
+    def import_adapter(
+        self, path: str, adapter_id: str, *, timeout: Timeout = DEFAULT
+    ) -> pb.Adapter:
         request = pb.ImportAdapterRequest(path=path, adapter_id=adapter_id)
-        return self._call(self._stub.ImportAdapter, request, timeout=None).adapter
+        return self._call(self._stub.ImportAdapter, request, timeout, slow=True).adapter
 
-    def delete_adapter(self, adapter_id: str) -> None:
-        self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id))
+    def delete_adapter(self, adapter_id: str, *, timeout: Timeout = DEFAULT) -> None:
+        request = pb.DeleteAdapterRequest(adapter_id=adapter_id)
+        self._call(self._stub.DeleteAdapter, request, timeout)
 
     # --- generation and classification
 
-    def classify(self, adapter_id: str, texts: Iterable[str]) -> list[pb.Classification]:
+    def classify(
+        self, adapter_id: str, texts: Iterable[str], *, timeout: Timeout = DEFAULT
+    ) -> list[pb.Classification]:
         request = pb.ClassifyRequest(adapter_id=adapter_id, texts=list(texts))
-        return list(self._call(self._stub.Classify, request, timeout=None).classifications)
+        return list(self._call(self._stub.Classify, request, timeout, slow=True).classifications)
 
     def generate(
-        self, prompt: str, *, adapter_id: str = "", **parameters: Any
+        self, prompt: str, *, adapter_id: str = "", timeout: Timeout = DEFAULT, **parameters: Any
     ) -> pb.GenerateResponse:
         """Parameters are GenerationParameters fields: max_new_tokens, greedy, temperature,
         top_k, top_p, repetition_penalty, no_repeat_ngram_size, seed, stop."""
         request = pb.GenerateRequest(
             prompt=prompt, adapter_id=adapter_id, parameters=pb.GenerationParameters(**parameters)
         )
-        return self._call(self._stub.Generate, request, timeout=None)
+        return self._call(self._stub.Generate, request, timeout, slow=True)
 
     def generate_stream(
-        self, prompt: str, *, adapter_id: str = "", timeout: float | None = None, **parameters: Any
+        self, prompt: str, *, adapter_id: str = "", timeout: Timeout = DEFAULT, **parameters: Any
     ) -> Iterator[pb.GenerateStreamResponse]:
+        """Generate, streamed. `timeout` bounds the whole stream. The call is retried only
+        while no message has arrived (after that a retry would repeat text); closing the
+        iterator early cancels the call."""
         request = pb.GenerateStreamRequest(
             prompt=prompt, adapter_id=adapter_id, parameters=pb.GenerationParameters(**parameters)
         )
-        try:
-            yield from self._stub.GenerateStream(request, timeout=timeout)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc_error(e) from None
+        deadline = self._deadline(timeout, slow=True)
 
-    def _call(self, method: Any, request: Any, *, timeout: float | None = -1.0) -> Any:
+        def first(attempt_timeout: float | None) -> tuple[Any, pb.GenerateStreamResponse | None]:
+            call = self._stub.GenerateStream(
+                request, timeout=attempt_timeout, metadata=self._metadata
+            )
+            return call, next(call, None)
+
+        call, head = call_with_retries(
+            first, policy=self.retry, deadline=deadline, what="GenerateStream"
+        )
         try:
-            return method(request, timeout=self.timeout if timeout == -1.0 else timeout)
+            if head is None:
+                return
+            yield head
+            yield from call
         except grpc.RpcError as e:
             raise ClientError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # a no-op when the stream has ended
+
+    def _deadline(self, timeout: Timeout, *, slow: bool) -> float | None:
+        if timeout is DEFAULT:
+            timeout = self.generation_timeout if slow else self.timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _call(
+        self, method: Callable[..., T], request: Any, timeout: Timeout, *, slow: bool = False
+    ) -> T:
+        return call_with_retries(
+            lambda t: method(request, timeout=t, metadata=self._metadata),
+            policy=self.retry,
+            deadline=self._deadline(timeout, slow=slow),
+            what=type(request).__name__.removesuffix("Request"),
+        )
 
 
 def _dataset(rows: Iterable[Mapping[str, Any]] | None, path: str | None) -> pb.Dataset:
