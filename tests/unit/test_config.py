@@ -140,3 +140,133 @@ def test_non_number_is_reported_together_with_other_problems() -> None:
     with pytest.raises(InvalidArgument) as info:
         config_from_flags(["--max-dataset-rows", "lots", "--listen", "nowhere"], env={})
     assert problem_fields(info.value) == {"max_dataset_rows", "base_model", "listen"}
+
+
+# --- TLS, mutual TLS, bearer tokens and the health port ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.support import write_tls_files
+
+    return write_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+def test_security_settings_read_from_environment(
+    tls_files: dict[str, Path], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t0k3n\n")
+    env = {
+        "TUNESERVE_BASE_MODEL": "m",
+        "TUNESERVE_TLS_CERT_FILE": str(tls_files["server_cert"]),
+        "TUNESERVE_TLS_KEY_FILE": str(tls_files["server_key"]),
+        "TUNESERVE_TLS_CLIENT_CA_FILE": str(tls_files["ca"]),
+        "TUNESERVE_AUTH_TOKENS_FILE": str(tokens),
+        "TUNESERVE_HEALTH_LISTEN": "0.0.0.0:8081",
+    }
+    cfg = config_from_flags([], env=env)
+    assert cfg.tls_cert_file == str(tls_files["server_cert"])
+    assert cfg.tls_key_file == str(tls_files["server_key"])
+    assert cfg.tls_client_ca_file == str(tls_files["ca"])
+    assert cfg.auth_tokens_file == str(tokens)
+    assert cfg.health_listen == "0.0.0.0:8081"
+
+
+def test_security_settings_as_flags_default_off(tls_files: dict[str, Path]) -> None:
+    off = config_from_flags(["--base-model", "m"], env={})
+    assert (off.tls_cert_file, off.auth_tokens_file, off.health_listen) == ("", "", "")
+    cfg = config_from_flags(
+        [
+            "--base-model",
+            "m",
+            "--tls-cert-file",
+            str(tls_files["server_cert"]),
+            "--tls-key-file",
+            str(tls_files["server_key"]),
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        env={},
+    )
+    assert cfg.tls_cert_file == str(tls_files["server_cert"]) and cfg.health_listen.endswith(":0")
+
+
+@pytest.mark.parametrize(
+    ("settings", "fields"),
+    [
+        ({"tls_cert_file": "server_cert"}, {"tls_key_file"}),
+        ({"tls_key_file": "server_key"}, {"tls_cert_file"}),
+        ({"tls_client_ca_file": "ca"}, {"tls_client_ca_file"}),
+        ({"tls_cert_file": "server_key", "tls_key_file": "server_key"}, {"tls_cert_file"}),
+        ({"tls_cert_file": "server_cert", "tls_key_file": "client_key"}, {"tls_key_file"}),
+        ({"tls_cert_file": "server_cert", "tls_key_file": "server_cert"}, {"tls_key_file"}),
+        (
+            {
+                "tls_cert_file": "server_cert",
+                "tls_key_file": "server_key",
+                "tls_client_ca_file": "server_key",
+            },
+            {"tls_client_ca_file"},
+        ),
+    ],
+)
+def test_tls_files_must_pair_up_parse_and_match(
+    tls_files: dict[str, Path], settings: dict[str, str], fields: set[str]
+) -> None:
+    values = {name: str(tls_files[file]) for name, file in settings.items()}
+    with pytest.raises(InvalidArgument) as info:
+        ServerConfig(base_model="m", **values).validate()
+    assert problem_fields(info.value) == fields
+
+
+def test_tls_files_that_do_not_exist_or_are_not_pem_are_reported_together(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(InvalidArgument) as info:
+        ServerConfig(
+            base_model="m",
+            tls_cert_file=str(garbage),
+            tls_key_file=str(tmp_path / "absent-key.pem"),
+            tls_client_ca_file=str(tmp_path / "absent-ca.pem"),
+            auth_tokens_file=str(tmp_path / "absent-tokens"),
+        ).validate()
+    assert problem_fields(info.value) == {
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "auth_tokens_file",
+    }
+    assert "absent-key.pem" in info.value.message and "no PEM certificate" in info.value.message
+
+
+def test_complete_tls_and_tokens_configuration_is_accepted(
+    tls_files: dict[str, Path], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one\nt0k3n\n")
+    ServerConfig(
+        base_model="m",
+        tls_cert_file=str(tls_files["server_cert"]),
+        tls_key_file=str(tls_files["server_key"]),
+        tls_client_ca_file=str(tls_files["ca"]),
+        auth_tokens_file=str(tokens),
+        health_listen="0.0.0.0:8081",
+    ).validate()
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but comments\n\n"])
+def test_empty_tokens_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(text)
+    with pytest.raises(InvalidArgument) as info:
+        ServerConfig(base_model="m", auth_tokens_file=str(tokens)).validate()
+    assert problem_fields(info.value) == {"auth_tokens_file"}
+    assert "no tokens" in info.value.message
+
+
+@pytest.mark.parametrize("address", ["8081", "localhost", "host:port", ":8081"])
+def test_bad_health_listen_address_is_rejected(address: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        ServerConfig(base_model="m", health_listen=address).validate()
+    assert problem_fields(info.value) == {"health_listen"}
