@@ -4,6 +4,7 @@ servicer fails on cue: what is retried, how long it waits, and what is never rep
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import threading
 import time
@@ -112,7 +113,7 @@ def fake() -> Iterator[tuple[FakeServicer, str]]:
 
 def _gaps(servicer: FakeServicer) -> list[float]:
     times = [t for t, _, _ in servicer.attempts]
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def test_backoff_is_full_jitter_under_an_exponential_bound() -> None:
