@@ -1,4 +1,6 @@
 """The adapter cache: LoRA adapters loaded onto the one base model, least recently used first.
+Each loaded adapter takes a slot of the batched LoRA layers (`lora_batch.MultiLora`), so one
+forward serves rows on any mix of loaded adapters and the base model (`forward`).
 
 - A new adapter is loaded and validated before anything is evicted; if loading fails, the
   cache is as it was.
@@ -14,20 +16,19 @@ import json
 import logging
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
 from transformers import PreTrainedModel
 
 from tuneserve.errors import FailedPrecondition, InvalidArgument
+from tuneserve.inference.lora_batch import MultiLora, base_layers
+from tuneserve.inference.lora_files import read_lora
 from tuneserve.jobs.model import Task
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 _LORA_KEY = re.compile(r"\.lora_(embedding_)?([AB])(\.|$)")
 
 
@@ -35,7 +36,8 @@ class AdapterCache:
     def __init__(
         self, *, model: PreTrainedModel, registry: AdapterRegistry, base_model: str, capacity: int
     ) -> None:
-        self.model: PreTrainedModel | PeftModel = model
+        self.model = model
+        self._lora = MultiLora(model)
         self._registry = registry
         self._base_model = base_model
         self._capacity = capacity
@@ -100,11 +102,15 @@ class AdapterCache:
             self._evict(adapter_id)
         return True
 
-    def names(self, adapter_ids: list[str]) -> list[str] | None:
-        """The adapter_names argument of a mixed-batch forward (None without adapters)."""
-        if not isinstance(self.model, PeftModel):
-            return None
-        return [a or BASE for a in adapter_ids]
+    def forward(self, adapter_ids: list[str], **inputs: Any) -> Any:
+        """One forward of the model, row i through adapter `adapter_ids[i]` ("" the base
+        model); every adapter named must be loaded."""
+        self._lora.select(adapter_ids)
+        return self.model(**inputs)
+
+    def layers_of(self, adapter_id: str) -> list[str]:
+        """The model's layers that carry `adapter_id` (none when it is not loaded)."""
+        return self._lora.layers_of(adapter_id)
 
     # --- internals
 
@@ -118,40 +124,16 @@ class AdapterCache:
         info = self._registry.get(adapter_id)
         check_servable(info, self._base_model)
         directory = self._registry.path(adapter_id)
-        # Shapes first, on the file alone: a misfit never touches the model.
+        # Shapes first, on the file alone: a misfit never touches the model. Then every
+        # matrix is read and checked before the first is written into a slot.
         check_lora_fits(self.model, directory / "adapter_model.safetensors")
-        try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(directory), adapter_name=adapter_id, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(
-                    self.model, str(directory), adapter_name=adapter_id, is_trainable=False
-                )
-        except Exception:
-            self._roll_back(adapter_id)  # peft may have added the layers before failing
-            raise
-        self.model.eval()
+        self._lora.add(adapter_id, read_lora(adapter_id, directory, self.model))
         self._loaded[adapter_id] = None
         self.loads += 1
         log.info("adapter %s loaded", adapter_id)
 
-    def _roll_back(self, adapter_id: str) -> None:
-        if not isinstance(self.model, PeftModel):
-            return
-        try:
-            if self._loaded:
-                self.model.delete_adapter(adapter_id)
-            else:
-                self.model = self.model.unload()
-        except Exception:
-            log.exception("could not roll back adapter %s", adapter_id)
-
     def _evict(self, adapter_id: str) -> None:
-        assert isinstance(self.model, PeftModel)
-        if len(self._loaded) == 1:
-            self.model = self.model.unload()  # back to the bare base model
-        else:
-            self.model.delete_adapter(adapter_id)
+        self._lora.remove(adapter_id)
         del self._loaded[adapter_id]
         self.evictions += 1
         log.info("adapter %s evicted", adapter_id)
@@ -165,7 +147,7 @@ def check_servable(info: AdapterInfo, base_model: str, path: Path | None = None)
         )
     if info.use_dora:
         raise FailedPrecondition(
-            f"adapter {info.id!r} uses DoRA, which peft cannot batch with other adapters; "
+            f"adapter {info.id!r} uses DoRA, which cannot be batched with other adapters; "
             "serve a LoRA adapter (train without use_dora)",
             field="adapter_id",
         )
@@ -177,12 +159,12 @@ def check_servable(info: AdapterInfo, base_model: str, path: Path | None = None)
         )
 
 
-def check_lora_fits(model: PreTrainedModel | PeftModel, weights: Path) -> None:
+def check_lora_fits(model: PreTrainedModel, weights: Path) -> None:
     """Every LoRA matrix in `weights` matches the shape of the base layer it adapts: the
     check an imported adapter must pass, done on shapes alone so the model is untouched."""
     from safetensors import safe_open
 
-    modules = dict(_base_modules(model))
+    modules = dict(base_layers(model))
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             match = _LORA_KEY.search(key)
@@ -205,12 +187,6 @@ def check_lora_fits(model: PreTrainedModel | PeftModel, weights: Path) -> None:
                     f"base model ({in_features} in, {out_features} out)",
                     field="path",
                 )
-
-
-def _base_modules(model: PreTrainedModel | PeftModel) -> Iterator[tuple[str, Any]]:
-    root = model.get_base_model() if isinstance(model, PeftModel) else model
-    for name, module in root.named_modules():
-        yield name, getattr(module, "base_layer", module)
 
 
 def _features(module: Any) -> tuple[int, int]:

@@ -1,13 +1,15 @@
 """Continuous batching: every running request advances one token per forward pass, all of
-them in one batch whatever adapter each uses (peft mixed-adapter batches, the base model as
-"__base__"), and new requests join between steps instead of waiting for the batch to drain.
+them in one batch whatever adapter each uses (batched LoRA, inference/lora_batch.py: each
+row through its own adapter or the base model), and new requests join between steps
+instead of waiting for the batch to drain.
 
 Policy, in the order the loop applies it each step:
 1. Adapter commands (load, pin, unload) run between steps, never during one.
 2. Admission: waiting requests are taken first come, first served, up to `max_batch_size`
    running; one whose adapter cannot be loaded yet (every cache slot busy or pinned) is
-   skipped for now, and the ones behind it may go first. Each admitted request is prefilled
-   alone (its own adapter) and merged into the batch.
+   skipped for now, and the ones behind it may go first. The requests admitted together are
+   prefilled together (one forward, each row through its own adapter) and merged into the
+   batch.
 3. One decoding step for the whole batch; each row samples with its own parameters and
    seeded generator, its text is streamed at once, and rows that finished, were cancelled
    or whose caller went away leave the batch and free their memory.
@@ -309,10 +311,7 @@ class Scheduler:
         self.stats.tokens += len(slots)
 
     def _forward(self, *, adapters: list[str], **inputs: Any) -> Any:
-        names = self._adapters.names(adapters)
-        if names is not None:
-            inputs["adapter_names"] = names
-        return self._adapters.model(**inputs)
+        return self._adapters.forward(adapters, **inputs)
 
     def _sample_batch(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """Plain greedy rows take one argmax together; the rest sample one by one."""
