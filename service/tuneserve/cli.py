@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         help="server address for client commands (env TUNESERVE_TARGET)",
     )
     sub = parser.add_subparsers(required=True, metavar="command")
+    client_options = _client_options()
 
     p = sub.add_parser("serve", help="run the server")
     config.add_arguments(p)
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_build_tiny_model)
 
-    p = sub.add_parser("train", help="submit a fine-tune")
+    p = sub.add_parser("train", help="submit a fine-tune", parents=[client_options])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="local JSONL file, sent with the request")
     source.add_argument("--server-path", help="JSONL file on the server, under its dataset roots")
@@ -112,29 +113,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("status", help="show a job")
+    p = sub.add_parser("status", help="show a job", parents=[client_options])
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("curve", help="show a job's loss curve")
+    p = sub.add_parser("curve", help="show a job's loss curve", parents=[client_options])
     p.add_argument("job_id")
     p.set_defaults(func=_curve)
 
-    p = sub.add_parser("classify", help="classify texts with a classification adapter")
+    p = sub.add_parser(
+        "classify", help="classify texts with a classification adapter", parents=[client_options]
+    )
     p.add_argument("adapter_id")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=_classify)
 
-    p = sub.add_parser("jobs", help="list jobs")
+    p = sub.add_parser("jobs", help="list jobs", parents=[client_options])
     p.add_argument("--state", choices=[s for s in STATE_NAMES.values() if s != "UNSPECIFIED"])
     p.set_defaults(func=_jobs)
 
-    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p = sub.add_parser("cancel", help="cancel a queued or running job", parents=[client_options])
     p.add_argument("job_id")
     p.set_defaults(func=_cancel)
 
-    p = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    p = sub.add_parser(
+        "generate", help="generate text, streamed to the terminal", parents=[client_options]
+    )
     p.add_argument("prompt")
     p.add_argument("--adapter", default="", help="adapter id (default: the base model)")
     p.add_argument("--max-new-tokens", type=int, default=0)
@@ -148,7 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("adapters", help="list, show, delete, load, pin, unload or import adapters")
+    p = sub.add_parser(
+        "adapters",
+        help="list, show, delete, load, pin, unload or import adapters",
+        parents=[client_options],
+    )
     p.add_argument(
         "action",
         nargs="?",
@@ -188,8 +197,63 @@ def _build_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_options() -> argparse.ArgumentParser:
+    """Options every client subcommand takes: how to reach a server that speaks TLS (mutual
+    TLS with a client certificate) and asks for a bearer token. The token is read from a
+    file or the environment, never from the command line, where `ps` would show it."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument(
+        "--tls-ca-file",
+        type=Path,
+        help="PEM CA certificate that signed the server's certificate; turns TLS on",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="use TLS with the system's trust store (implied by --tls-ca-file)",
+    )
+    group.add_argument(
+        "--client-cert-file", type=Path, help="PEM client certificate chain, for mutual TLS"
+    )
+    group.add_argument("--client-key-file", type=Path, help="PEM private key of the client cert")
+    group.add_argument(
+        "--tls-server-name", help="name to check the server's certificate against (default: host)"
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (default: env TUNESERVE_TOKEN, if set)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="deadline in seconds of each quick call, retries included (default 30)",
+    )
+    return parent
+
+
 def _client(args: argparse.Namespace) -> TuneserveClient:
-    return TuneserveClient(args.target)
+    if (args.client_cert_file is None) != (args.client_key_file is None):
+        raise SystemExit("error: --client-cert-file and --client-key-file go together")
+    try:
+        if args.token_file is not None:
+            token: str | None = args.token_file.read_text().strip()
+        else:
+            token = os.environ.get("TUNESERVE_TOKEN") or None
+        return TuneserveClient(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=args.tls_ca_file,
+            certificate_chain=args.client_cert_file,
+            private_key=args.client_key_file,
+            server_name_override=args.tls_server_name,
+            token=token,
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
