@@ -9,11 +9,12 @@
 # the CUDA image is the small `base` flavour: it adds the NVIDIA container settings and
 # NVIDIA_REQUIRE_CUDA, which makes the container runtime refuse a node whose driver is too
 # old for CUDA 13.0 with a clear message instead of a late "no CUDA device". Keep the two
-# in step: the base image's CUDA major.minor and the torch index's cuXYZ must match.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+# in step: this CUDA major.minor and the torch index's cuXYZ must match (torch 2.13's
+# default Linux wheels are built for CUDA 13.0). Both stages start from this one.
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04 AS cuda
 
 # --- builder: a venv with torch (CUDA), the generated API code and our two packages ----
-FROM ${CUDA_IMAGE} AS builder
+FROM cuda AS builder
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
@@ -65,7 +66,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && /opt/tuneserve/bin/python -c "import torch, tuneserve.cli, tuneserve_client.v1.tuneserve_pb2_grpc; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # --- runtime: python, the venv, nothing else ------------------------------------------
-FROM ${CUDA_IMAGE} AS runtime
+FROM cuda AS runtime
 
 ARG UID=10001
 ARG GID=10001

