@@ -80,6 +80,10 @@ class _Stacked(nn.Module):
         b[slot, :rank] = scaled.T.to(b.dtype)
         self.ranks[slot] = rank
 
+    def reserve(self, slots: int) -> None:
+        """Room for slot ids below `slots`: any row's slot may be gathered on any layer."""
+        self._grow(slots, 0)
+
     def clear(self, slot: int) -> None:
         if self.ranks.pop(slot, None) is not None:
             self.lora_a[slot].zero_()
@@ -195,6 +199,9 @@ class MultiLora:
         try:
             for name, pair in pairs.items():
                 self._layer(name).put(slot, pair)
+            slots = max(self._slots.values()) + 1
+            for layer in self._layers.values():
+                layer.reserve(slots)
         except BaseException:
             self.remove(adapter_id)
             raise
