@@ -310,3 +310,40 @@ def test_health_port_follows_the_main_servers_status(
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as caught:
         check_health(channel)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_renewed_server_certificate_is_used_for_new_connections(
+    tiny_gpt2: Path, tmp_path: Path, server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuneserve.api.security import CertificateFiles
+
+    monkeypatch.setattr(CertificateFiles, "reload_interval_s", 0.1)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = write_tls_files(tmp_path / "old"), write_tls_files(tmp_path / "new")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(old["server_cert"].read_bytes())
+    key.write_bytes(old["server_key"].read_bytes())
+    server = server_factory(
+        make_config(tiny_gpt2, tmp_path / "data", tls_cert_file=str(cert), tls_key_file=str(key))
+    )
+    with tls_channel(server.target, old) as channel:
+        assert check_health(channel) == SERVING
+    with tls_channel(server.target, new) as channel, pytest.raises(grpc.RpcError):
+        check_health(channel)
+
+    for source, live in ((new["server_cert"], cert), (new["server_key"], key)):
+        staged = live.with_suffix(".new")
+        staged.write_bytes(source.read_bytes())
+        staged.replace(live)
+    deadline = time.monotonic() + 10
+    while True:  # each attempt is a new channel, so a new handshake
+        with tls_channel(server.target, new) as channel:
+            try:
+                assert check_health(channel) == SERVING
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the renewed certificate was never served"
+                time.sleep(0.1)
+    with tls_channel(server.target, old) as channel, pytest.raises(grpc.RpcError):
+        check_health(channel)  # the old CA no longer vouches for the server

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from tests.support import make_config, write_tls_files
 from tuneserve import errors
 from tuneserve.api.errors import to_status
-from tuneserve.api.security import TokenFile, check_bearer, server_credentials
+from tuneserve.api.security import CertificateFiles, TokenFile, check_bearer, server_credentials
 from tuneserve.config import read_auth_tokens
 
 
@@ -138,3 +138,32 @@ def test_server_credentials_none_without_tls_and_built_with_it(tmp_path: Path) -
         tls_client_ca_file=str(tls["ca"]),
     )
     assert isinstance(server_credentials(config), grpc.ServerCredentials)  # type: ignore[arg-type]
+
+
+def test_certificate_files_are_re_read_only_when_changed_and_usable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = write_tls_files(tmp_path / "old"), write_tls_files(tmp_path / "new")
+    live = {name: tmp_path / f"live-{name}.pem" for name in ("cert", "key", "ca")}
+    for name, source in (("cert", "server_cert"), ("key", "server_key"), ("ca", "ca")):
+        live[name].write_bytes(old[source].read_bytes())
+    files = CertificateFiles(live["cert"], live["key"], live["ca"])
+    assert isinstance(files.load(), grpc.ServerCertificateConfiguration)
+    files.reload_interval_s = 0
+    assert files.fetch() is None  # unchanged
+
+    live["cert"].write_bytes(new["server_cert"].read_bytes())  # renewal half written
+    with caplog.at_level(logging.WARNING, logger="tuneserve.api.security"):
+        assert files.fetch() is None
+    assert "keeping the old ones" in caplog.text
+
+    live["key"].write_bytes(new["server_key"].read_bytes())
+    os.utime(live["key"], ns=(1, 1))
+    assert isinstance(files.fetch(), grpc.ServerCertificateConfiguration)
+    assert files.fetch() is None
+
+    files.reload_interval_s = 3600
+    live["ca"].write_bytes(new["ca"].read_bytes())
+    assert files.fetch() is None  # not looked at before the interval

@@ -6,14 +6,17 @@ grpc.health.v1, which kubelet probes call without credentials. Server reflection
 like any other call: it lists the whole API (grpcurl: `-H 'authorization: Bearer …'`, or
 `-proto` files without reflection). A refused call ends UNAUTHENTICATED with an ErrorInfo
 whose reason is MISSING_TOKEN or INVALID_TOKEN, from the one error table (api.errors).
-The tokens file is re-read when it changes, so a rotated Kubernetes Secret takes effect
-without a restart; tokens are compared in constant time and never logged."""
+The tokens file and the TLS files are re-read when they change, so a rotated Kubernetes
+Secret or a renewed certificate takes effect without a restart (TLS: for new connections);
+tokens are compared in constant time and never logged."""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import os
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,15 +35,80 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials for the main port, or None for plaintext. With a client CA, clients
-    must present a certificate signed by it (the handshake fails otherwise)."""
+    must present a certificate signed by it (the handshake fails otherwise). The files are
+    re-read when they change (see CertificateFiles), so a renewed certificate is used for
+    new connections without a restart."""
     if not config.tls_cert_file:
         return None
-    cert = Path(config.tls_cert_file).read_bytes()
-    key = Path(config.tls_key_file).read_bytes()
-    ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    files = CertificateFiles(
+        config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file or None
     )
+    return grpc.dynamic_ssl_server_credentials(
+        files.load(),
+        files.fetch,
+        require_client_authentication=config.tls_client_ca_file != "",
+    )
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or, as in a Kubernetes Secret volume, swapped
+    behind a symlink."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class CertificateFiles:
+    """The server certificate chain, its key and the client CA, re-read when one of them
+    changes (looked at no more often than every `reload_interval_s`). A new set is used only
+    once the key matches the certificate, so a half-written renewal keeps the old one (with
+    a warning) instead of failing every handshake.
+
+    `fetch` is gRPC's certificate_configuration_fetcher: called from gRPC's own threads
+    before each new connection's handshake; the lock makes it safe to call concurrently."""
+
+    reload_interval_s: float = 5.0
+
+    def __init__(self, cert: str | Path, key: str | Path, client_ca: str | Path | None) -> None:
+        self.paths = tuple(Path(p) for p in (cert, key, client_ca) if p)
+        self._lock = threading.Lock()
+        self._signatures = [_signature(p) for p in self.paths]
+        self._checked_at = time.monotonic()
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """The certificate configuration from the files as they are now; raises OSError or
+        ssl.SSLError when they cannot be read or the key does not match the certificate."""
+        cert, key, *ca = self.paths
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key, password=b"")
+        if ca:
+            context.load_verify_locations(cafile=ca[0])
+        return grpc.ssl_server_certificate_configuration(
+            [(key.read_bytes(), cert.read_bytes())],
+            root_certificates=ca[0].read_bytes() if ca else None,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when the files changed and load, else None (keep the current
+        one). Never raises: this runs inside gRPC's handshake path."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at < self.reload_interval_s:
+                return None
+            self._checked_at = now
+            signatures = [_signature(p) for p in self.paths]
+            if signatures == self._signatures:
+                return None
+            self._signatures = signatures
+            try:
+                configuration = self.load()
+            except (OSError, ssl.SSLError, ValueError) as e:
+                log.warning("TLS files changed but cannot be used (%s); keeping the old ones", e)
+                return None
+            log.info("TLS files re-read: %s", ", ".join(str(p) for p in self.paths))
+            return configuration
 
 
 class TokenFile:
@@ -57,23 +125,16 @@ class TokenFile:
         self.path = Path(path)
         if reload_interval_s is not None:
             self.reload_interval_s = reload_interval_s
-        self._signature = self._stat()
+        self._signature = _signature(self.path)
         self._tokens = [t.encode() for t in read_auth_tokens(self.path)]
         self._checked_at = time.monotonic()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _refresh(self) -> None:
         now = time.monotonic()
         if now - self._checked_at < self.reload_interval_s:
             return
         self._checked_at = now
-        signature = self._stat()
+        signature = _signature(self.path)
         if signature == self._signature:
             return
         self._signature = signature
@@ -135,7 +196,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         try:
             check_bearer(details.invocation_metadata, self.tokens)
         except errors.Unauthenticated as e:
-            log.info("refused %s: %s", details.method, e.reason)
+            # DEBUG, not INFO: anyone can send these; grpc_server_handled_total counts them.
+            log.debug("refused %s: %s", details.method, e.reason)
             return _refusal(handler, to_status(e))
         return handler
 
