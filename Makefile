@@ -12,7 +12,7 @@ PY_SOURCES := $(wildcard service clients/python/src tests examples bench)
 
 .PHONY: setup proto demo test unit lint fmt serve clean bench
 
-setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py
+setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py clients/node/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e clients/python -e ".[dev]"
 	touch $@
+
+# The Node.js client example (clients/node), installed from its lock file once. Machines
+# without npm skip it.
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix clients/node --no-audit --no-fund && touch $@; \
+	else echo "npm not found: skipping the Node.js client (clients/node)"; fi
 
 # Generated code is built from proto/, never edited or committed. protoc names Python
 # modules after the .proto's path, so the file is staged as tuneserve_client/v1/.
