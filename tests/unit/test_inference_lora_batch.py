@@ -321,3 +321,33 @@ def test_a_saved_copy_of_an_unchanged_base_layer_is_accepted(setup: Setup, tmp_p
     assert set(read_lora("copy", copy, model)) == set(
         read_lora("attn", setup.adapters["attn"], model)
     )
+
+
+@torch.inference_mode()
+def last_logits(model: Any, prompt: list[int], rows: int = 1) -> torch.Tensor:
+    return model(input_ids=torch.tensor([prompt] * rows)).logits[:, -1]
+
+
+def test_matrices_gathered_for_one_batch_are_never_reused_for_another(setup: Setup) -> None:
+    """Rows keep their gathered matrices from step to step; a new arrangement of rows, or a
+    new adapter in a freed slot (the very same slot ids), must gather again."""
+    model, lora = batched(setup, "attn", "embed")
+    prompt = prompt_ids(setup, 1)[0]
+    alone = {
+        name: last_logits(reference(setup, name), prompt)[0]
+        for name in ("", "attn", "embed", "wide")
+    }
+
+    def check(rows: list[str]) -> None:
+        lora.select(rows)
+        for logits, name in zip(last_logits(model, prompt, len(rows)), rows, strict=True):
+            torch.testing.assert_close(logits, alone[name], rtol=1e-4, atol=1e-4)
+
+    check(["attn", "embed", ""])
+    check(["attn", "embed", ""])  # the same rows again: gathered once
+    check(["embed", "", "attn"])
+    check(["attn", "attn", "attn"])
+    check(["embed", "", "attn"])
+    lora.remove("embed")
+    lora.add("wide", read_lora("wide", setup.adapters["wide"], model))  # embed's slot
+    check(["wide", "", "attn"])  # the same slot ids as the last batch

@@ -42,6 +42,10 @@ class Selection:
         self.slot = 0
         self.index: torch.Tensor | None = None  # [rows] slot ids, for MIXED
         self.active: frozenset[int] = frozenset()  # the slots some row uses
+        # Bumped whenever `index` or any slot's weights change: layers keep the matrices
+        # they gathered for the rows until then (rows join and leave between steps only,
+        # so most steps gather nothing).
+        self.version = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,16 @@ class _Stacked(nn.Module):
         self.lora_a = weight.new_zeros(1, 0, in_dim)  # [slots, R, in]
         self.lora_b = weight.new_zeros(1, 0, out_dim)  # [slots, R, out]
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter there
+        self._rows: tuple[int, torch.Tensor, torch.Tensor] | None = None  # version, A, B
+
+    def _gathered(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A[slot]^T [rows, in, R] and B[slot] [rows, R, out] of every row, as gathered at
+        the current selection version."""
+        version = self._selection.version
+        if self._rows is None or self._rows[0] != version:
+            a = self.lora_a.index_select(0, index).mT
+            self._rows = (version, a, self.lora_b.index_select(0, index))
+        return self._rows[1], self._rows[2]
 
     def put(self, slot: int, pair: LoraPair) -> None:
         """Write one adapter's matrices into `slot` (growing the stacks if needed)."""
@@ -79,6 +93,7 @@ class _Stacked(nn.Module):
         scaled = pair.b.to(device=b.device, dtype=torch.float32) * pair.scaling
         b[slot, :rank] = scaled.T.to(b.dtype)
         self.ranks[slot] = rank
+        self._rows = None
 
     def reserve(self, slots: int) -> None:
         """Room for slot ids below `slots`: any row's slot may be gathered on any layer."""
@@ -88,6 +103,7 @@ class _Stacked(nn.Module):
         if self.ranks.pop(slot, None) is not None:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
+            self._rows = None
 
     def _grow(self, slots: int, rank: int) -> None:
         have_slots, have_rank = self.lora_a.shape[0], self.lora_a.shape[1]
@@ -99,6 +115,7 @@ class _Stacked(nn.Module):
             new = old.new_zeros(new_slots, new_rank, old.shape[2])
             new[:have_slots, :have_rank] = old
             setattr(self, name, new)
+        self._rows = None
 
     def _slot_in_use(self) -> int | None:
         """The one slot every row uses (0 = none of this layer's adapters), or None when
@@ -129,8 +146,9 @@ class BatchedLoraLinear(_Stacked):
         index = self._selection.index
         assert index is not None
         rows = index.shape[0]
-        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), self.lora_a.index_select(0, index).mT)
-        return y.view(rows, -1, out).baddbmm_(h, self.lora_b.index_select(0, index)).view(y.shape)
+        a, b = self._gathered(index)
+        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a)
+        return y.view(rows, -1, out).baddbmm_(h, b).view(y.shape)
 
 
 class BatchedLoraEmbedding(_Stacked):
@@ -151,7 +169,8 @@ class BatchedLoraEmbedding(_Stacked):
         rows = index.shape[0]
         tokens = ids.reshape(rows, -1)
         h = self.lora_a.mT[index[:, None], tokens]  # [rows, tokens, R]
-        return y.view(rows, -1, width).baddbmm_(h, self.lora_b.index_select(0, index)).view(y.shape)
+        _, b = self._gathered(index)
+        return y.view(rows, -1, width).baddbmm_(h, b).view(y.shape)
 
 
 def layer_features(module: nn.Module) -> tuple[int, int]:
@@ -196,6 +215,7 @@ class MultiLora:
             raise ValueError(f"adapter {adapter_id!r} is already loaded")
         slot = min(set(range(1, len(self._slots) + 2)) - set(self._slots.values()))
         self._slots[adapter_id] = slot
+        self._last = ()
         try:
             for name, pair in pairs.items():
                 self._layer(name).put(slot, pair)
@@ -232,6 +252,7 @@ class MultiLora:
         if slots != self._last or sel.index is None:  # rows join and leave between steps only
             sel.index = torch.tensor(slots, device=self._device)
             sel.active = frozenset(distinct - {0})
+            sel.version += 1
             self._last = slots
 
     # --- internals

@@ -271,6 +271,7 @@ class Scheduler:
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
             use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are sampled
             adapters=[r.adapter_id for r in requests],
         )
         tokens = self._sample_batch(requests, out.logits[:, -1])
