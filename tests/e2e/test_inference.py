@@ -74,7 +74,8 @@ def test_cancel_frees_a_slot_and_overload_is_resource_exhausted(
         prompt="hi", parameters=pb.GenerationParameters(greedy=True, max_new_tokens=480)
     )
     engine = server.running.services.engine
-    with TuneserveClient(server.target) as client:
+    # retry=None: this test is about the server's answer, not the client's retries.
+    with TuneserveClient(server.target, retry=None) as client:
         running = stub.GenerateStream(long)
         next(running)  # it holds the only batch slot
         waiting = stub.GenerateStream(long)  # it holds the only queue place

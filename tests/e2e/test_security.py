@@ -225,6 +225,10 @@ def test_unauthenticated_calls_are_counted_in_metrics(
         for _ in range(3):
             with pytest.raises(grpc.RpcError):
                 list_adapters(channel)
+    # The status reaches the client a moment before the interceptor records it.
+    deadline = time.monotonic() + 5
+    while refused_count() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert refused_count() == before + 3
 
 
