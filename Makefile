@@ -77,4 +77,5 @@ serve: setup
 	$(BIN)/tuneserve serve
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) $(PROTO_OUT) build clients/node/node_modules .demo .pytest_cache \
+		.mypy_cache .ruff_cache
