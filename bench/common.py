@@ -386,36 +386,71 @@ def fmt(value: float | None, spec: str) -> str:
 # --- Contention -----------------------------------------------------------------------------
 
 
+def process_ticks(pid: int | str = "self") -> int | None:
+    """CPU time (user + system, in clock ticks) that process `pid` has used so far; None
+    where /proc is not Linux's or the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """Cores kept busy on average over a window: by this process, by the processes it
+    watches (a service under test in its own process), and by everything else."""
+
+    process: float
+    watched: float
+    other: float
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """CPU time used so far: by the whole machine (steal included) and by this process, in
-    clock ticks, with the wall time they were read at."""
+    """CPU time used so far: by the whole machine (steal included), by this process and by
+    the watched processes, in clock ticks, with the wall time they were read at."""
 
     machine: int
     process: int
     wall: float
+    watched: tuple[tuple[int, int], ...] = ()  # (pid, ticks) of each watched process
+
+    def usage(self) -> CpuUsage | None:
+        """Cores used since this snapshot. "other" is what processes that are neither this
+        one nor a watched one (and the hypervisor) kept busy: on a shared machine, timings
+        taken while it is well above zero are slowed by work that is not the benchmark's."""
+        now = cpu_snapshot([pid for pid, _ in self.watched])
+        if now is None or now.wall <= self.wall:
+            return None
+        seconds = (now.wall - self.wall) * os.sysconf("SC_CLK_TCK")
+        then = dict(self.watched)
+        watched = sum(ticks - then[pid] for pid, ticks in now.watched if pid in then)
+        process = now.process - self.process
+        other = (now.machine - self.machine) - process - watched
+        return CpuUsage(
+            process=process / seconds, watched=watched / seconds, other=max(0.0, other / seconds)
+        )
 
     def other_cores(self) -> float | None:
         """Cores that other processes (and the hypervisor) kept busy on average since this
-        snapshot: on a shared machine, timings taken while it is well above zero are slowed
-        by work that is not the benchmark's."""
-        now = cpu_snapshot()
-        if now is None or now.wall <= self.wall:
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        other = (now.machine - self.machine) - (now.process - self.process)
-        return max(0.0, other / ticks / (now.wall - self.wall))
+        snapshot; see `usage`."""
+        usage = self.usage()
+        return None if usage is None else usage.other
 
 
-def cpu_snapshot() -> CpuSnapshot | None:
-    """None where /proc is not Linux's."""
+def cpu_snapshot(watch: Sequence[int] = ()) -> CpuSnapshot | None:
+    """None where /proc is not Linux's. `watch`: pids whose CPU time is read too, and not
+    counted as other processes' (one that has ended is left out)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
         # user nice system idle iowait irq softirq steal (guest time is in user already)
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime = int(mine[11]), int(mine[12])
     except (OSError, ValueError, IndexError):
         return None
+    mine = process_ticks()
+    if mine is None:
+        return None
+    watched = tuple((pid, t) for pid in watch if (t := process_ticks(pid)) is not None)
     machine = user + nice + system + irq + softirq + steal
-    return CpuSnapshot(machine=machine, process=utime + stime, wall=time.perf_counter())
+    return CpuSnapshot(machine=machine, process=mine, wall=time.perf_counter(), watched=watched)

@@ -1,11 +1,17 @@
 """Generation throughput and latency: the service's continuous batching, over gRPC, against
 the seed way and an ideal.
 
-A real server (tuneserve.app.RunningServer, bound to a free port on loopback) serves the
-same GPT-2-shaped model as bench/train, with random weights. Closed-loop clients, each a
-thread with its own channel, stream greedy generations of `max_new_tokens` from prompts of
-moderate, varied length, each client sending its next request when the last one ends.
-Three contenders generate from the very same prompts:
+The service under test runs as it does in a deployment: `tuneserve serve` in a process of
+its own (bound to a free port on loopback, ready when its health service says SERVING,
+stopped with SIGTERM at the end), serving the same GPT-2-shaped model as bench/train, with
+random weights, and given the same torch intra-op threads as the seed way and the ideal.
+Its clients are the benchmark's process, as real clients are other processes: closed-loop
+clients, each a thread with its own channel, stream greedy generations of
+`max_new_tokens` from prompts of moderate, varied length, each client sending its next
+request when the last one ends. (With the service in the benchmark's process, its decode
+thread, event loop and gRPC would share one interpreter lock with up to 64 client threads:
+that measures the benchmark's threads as much as the service.) Three contenders generate
+from the very same prompts:
 
 - service: 1, 4, 16 and 64 concurrent clients over gRPC (GenerateStream).
 - seed: the seed way, one `model.generate` per request, in sequence, in-process, as the
@@ -21,15 +27,18 @@ request sent to the last token received. The same run also measures:
 
 - time to first token and inter-token latency, p50 and p99, at each concurrency;
 - 16 clients each on a different LoRA adapter against all 16 on one adapter;
-- one request over gRPC against the same generation through the engine in-process;
+- one request over gRPC against the same generation through an engine built in the
+  benchmark's process from the same configuration and model (the service's code path
+  without gRPC);
 - co-serving: p50 latency of generation while a training job runs against idle, and the
   job's training rate while generation runs against the job alone.
 
 The machine may be shared, and load from other work drifts within minutes: the service and
 the ideal run back to back at each concurrency, each ratio is taken within one repeat and
-the median of those ratios reported, and every measurement records the cores that other
-processes kept busy meanwhile. The clients run in the server's process (as threads, like
-the tests' servers); the CPU they use is recorded too.
+the median of those ratios reported, and every measurement records the cores that the
+service's process, the benchmark's process (the clients, or the seed way's and the ideal's
+own compute) and all other processes kept busy meanwhile. On a machine with few cores the
+clients take CPU from the service as remote ones would not; the figures show how much.
 
 Run `python -m bench.generate` from the repository root (`make bench`); the medians of
 `--repeats` runs go to bench/results/generate.json and a table to stdout."""
@@ -37,19 +46,24 @@ Run `python -m bench.generate` from the repository root (`make bench`); the medi
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
+import dataclasses
 import datetime
 import gc
 import itertools
 import math
+import os
+import re
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -76,16 +90,15 @@ from bench.common import (
     timed,
     write_json,
 )
-from tuneserve.app import RunningServer
-from tuneserve.config import ServerConfig
+from tuneserve.config import ENV_PREFIX, ServerConfig
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model
+from tuneserve.registry import AdapterRegistry
 from tuneserve_client import FINAL_STATES, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 
-R = TypeVar("R")
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_CONTENDERS = ("service", "seed", "ideal")
 POINT_CONTENDERS = ("service", "ideal")  # run back to back at each concurrency
@@ -159,32 +172,106 @@ QUICK = Settings(
 # --- The server -----------------------------------------------------------------------------
 
 
-class LocalServer:
-    """A real server (tuneserve.app.RunningServer) on its own event-loop thread, bound to a
-    free port on loopback: clients go through gRPC, the servicer and the engine as remote
-    ones would, and the benchmark can still reach the engine for the in-process comparison.
-    The pattern of tests/support.py's ServerThread, copied so that bench does not import
-    the tests."""
+class ServiceProcess:
+    """The service under test: `tuneserve serve` in a process of its own, bound to a free
+    port on loopback, as it runs in a deployment. Its port is read from its log, it is
+    ready when its health service says SERVING, and `stop` ends it with SIGTERM (a kill if
+    it does not go, or on any error while it starts): no process outlives the benchmark."""
 
-    def __init__(self, config: ServerConfig) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="server", daemon=True)
-        self._thread.start()
-        self.running = self._run(RunningServer.start(config))
-        self.target = f"127.0.0.1:{self.running.port}"
-        self._run(self.running.load())
+    def __init__(self, config: ServerConfig, *, threads: int, timeout: float = 600) -> None:
+        # The benchmark's settings, and only those: TUNESERVE_* variables of the calling
+        # shell would otherwise fill in whatever the flags leave unset.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        # torch takes its intra-op thread count from OMP_NUM_THREADS when it starts.
+        env["OMP_NUM_THREADS"] = str(threads)
+        self.command = [sys.executable, "-m", "tuneserve.cli", "serve", *serve_flags(config)]
+        self.threads = threads
+        self.grace_period_s = config.grace_period_s
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._port: int | None = None
+        self._port_seen = threading.Event()
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self._reader = threading.Thread(target=self._read, name="service-log", daemon=True)
+        self._reader.start()
+        try:
+            self.target = f"127.0.0.1:{self._wait_port(timeout)}"
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
 
     @property
-    def engine(self) -> Engine:
-        return self.running.services.engine
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        """Drain the log (a full pipe would block the service) and find the port in it."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if self._port is None and (m := re.search(r"listening on port (\d+)", line)):
+                self._port = int(m.group(1))
+                self._port_seen.set()
+
+    def _wait_port(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while not self._port_seen.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not report its port:\n{self.log_tail()}")
+        assert self._port is not None
+        return self._port
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with TuneserveClient(self.target) as client:
+            while True:
+                try:
+                    client.wait_ready(timeout=1)
+                    return
+                except TimeoutError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"the service did not become ready:\n{self.log_tail()}"
+                        ) from None
+
+    def log_tail(self) -> str:
+        return "".join(self.lines)
 
     def stop(self) -> None:
-        self._run(self.running.stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        """SIGTERM: the service drains for its grace period and exits; killed if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.grace_period_s + 60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reader.join(10)
+        if self.proc.returncode not in (0, -signal.SIGTERM):
+            _log(f"the service exited with {self.proc.returncode}:\n{self.log_tail()}")
 
-    def _run(self, coro: Coroutine[Any, Any, R]) -> R:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(600)
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(10)
+
+
+def serve_flags(config: ServerConfig) -> list[str]:
+    """`tuneserve serve` flags for every setting of `config` that differs from the
+    default, so that the process builds the very same configuration."""
+    flags: list[str] = []
+    for f in dataclasses.fields(ServerConfig):
+        value = getattr(config, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("multiple"):
+            flags += [x for item in value for x in (flag, str(item))]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def server_config(s: Settings, args: argparse.Namespace, model_dir: Path, data: Path) -> Any:
@@ -201,7 +288,9 @@ def server_config(s: Settings, args: argparse.Namespace, model_dir: Path, data: 
         max_batch_size=max(32, s.max_clients),
         max_queued_requests=max(256, 4 * s.max_clients),
         max_loaded_adapters=s.adapters + 1,
-        log_level="WARNING",
+        # INFO: the port line the benchmark reads. The service logs at INFO only per job,
+        # adapter load or lifecycle event, never per request or decoding step.
+        log_level="INFO",
     ).validate()
 
 
@@ -213,7 +302,8 @@ class Context:
     """What every contender gets: the same model files, prompts and settings."""
 
     settings: Settings
-    server: LocalServer
+    service: ServiceProcess  # the service under test, in its own process
+    engine: Engine  # the same engine in this process: the gRPC comparison's other side
     tokenizer: Tokenizer
     reference: PreTrainedModel  # the seed way's and the ideal's copy of the base model
     device: torch.device
@@ -286,9 +376,8 @@ def stream(client: TuneserveClient, job: Job, max_new_tokens: int) -> Timing:
 @dataclass
 class Load:
     """Closed-loop clients' requests, the wall time from the first sent to the last
-    received, and the CPU time the client threads themselves used: they run in the
-    server's process, so this is work (and GIL time) that a remote client would not take
-    from the server."""
+    received, and the CPU time the client threads themselves used (in the benchmark's
+    process, beside the service's: on a small machine they share its cores)."""
 
     seconds: float
     timings: list[Timing]
@@ -362,7 +451,9 @@ def run_clients(target: str, jobs: list[list[Job]], max_new_tokens: int) -> Load
 
 def run_service(ctx: Context, clients: int) -> dict[str, Any]:
     """`clients` closed-loop clients over gRPC, base model."""
-    return run_clients(ctx.server.target, plan(ctx, clients), ctx.settings.max_new_tokens).summary()
+    return run_clients(
+        ctx.service.target, plan(ctx, clients), ctx.settings.max_new_tokens
+    ).summary()
 
 
 def useful_tokens(generated: torch.Tensor, eos: int | None) -> int:
@@ -465,19 +556,22 @@ POINT_RUNNERS: dict[str, Callable[[Context, int], dict[str, Any]]] = {
 
 
 def grpc_overhead(ctx: Context) -> dict[str, Any]:
-    """One request at a time on an idle server: over gRPC (unary Generate) and through the
-    same engine in-process, alternated, with the same prompt and parameters. The difference
-    is the client, the channel, the servicer and its thread hop."""
+    """One request at a time on an idle service: over gRPC (unary Generate, to the service's
+    process) and through an engine built in this process from the same configuration and
+    model files (the code path the service runs, minus gRPC), alternated, with the same
+    prompt and parameters. The difference is the client, the channel across processes, the
+    servicer and its thread hop. Each side is idle while the other is timed: the local
+    engine's decode thread only waits for work between its own requests."""
     s = ctx.settings
     prompt = ctx.prompts[0]
     request = GenerationRequest(
         prompt=prompt, params=SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True)
     )
-    engine = ctx.server.engine
+    engine = ctx.engine
     over_grpc: list[float] = []
     in_process: list[float] = []
     tokens: set[int] = set()
-    with TuneserveClient(ctx.server.target) as client:
+    with TuneserveClient(ctx.service.target) as client:
         client.wait_ready()
 
         def remote() -> int:
@@ -515,7 +609,7 @@ def train_adapters(ctx: Context) -> list[str]:
     measure mixed batches, not adapter loading."""
     s = ctx.settings
     ids = [f"bench-{i}" for i in range(s.adapters)]
-    with TuneserveClient(ctx.server.target, timeout=120) as client:
+    with TuneserveClient(ctx.service.target, timeout=120) as client:
         jobs = [
             client.train(
                 rows=ctx.adapter_rows,
@@ -537,7 +631,7 @@ def run_adapters(ctx: Context, adapters: list[str], kind: str) -> dict[str, Any]
     """`adapters` clients, each on its own adapter ("mixed") or all on the first ("same")."""
     chosen = adapters if kind == "mixed" else adapters[:1]
     jobs = plan(ctx, len(adapters), chosen)
-    return run_clients(ctx.server.target, jobs, ctx.settings.max_new_tokens).summary()
+    return run_clients(ctx.service.target, jobs, ctx.settings.max_new_tokens).summary()
 
 
 # --- Co-serving -----------------------------------------------------------------------------
@@ -590,7 +684,7 @@ def co_serving(ctx: Context, repeat: int, adapter_id: str) -> dict[str, Any]:
     generation load runs (in alternating order across repeats), then it is cancelled. How
     the device is split is the service's co-serving policy (`training_yield_s`, recorded
     with the results); these figures show where it lands."""
-    s, target = ctx.settings, ctx.server.target
+    s, target = ctx.settings, ctx.service.target
     jobs = [
         [
             Job(ctx.prompts[(j * s.coserve_requests_per_client + k) % len(ctx.prompts)], adapter_id)
@@ -657,7 +751,7 @@ def warm_up(ctx: Context) -> None:
     growth, kernel selection, the first connections) land on none of them."""
     s = ctx.settings
     clients = min(4, max(s.concurrency))
-    run_clients(ctx.server.target, plan(ctx, clients), s.max_new_tokens)
+    run_clients(ctx.service.target, plan(ctx, clients), s.max_new_tokens)
     enc = ctx.tokenizer(ctx.prompts[0], return_tensors="pt").to(ctx.device)
     with torch.inference_mode():
         ctx.reference.generate(  # type: ignore[operator]
@@ -665,6 +759,11 @@ def warm_up(ctx: Context) -> None:
         )
     ids = [list(ctx.tokenizer(p)["input_ids"]) for p in ctx.prompts[:clients]]
     ideal_batch(ctx, ids)
+    request = GenerationRequest(
+        prompt=ctx.prompts[0], params=SamplingParams(max_new_tokens=4, greedy=True)
+    )
+    for _ in ctx.engine.generate(request, is_cancelled=lambda: False):
+        pass
     synchronize(ctx.device)
 
 
@@ -772,11 +871,14 @@ def summarise(s: Settings, runs: dict[str, list[Any]]) -> dict[str, Any]:
     other = [v for v in _values(runs, "other_cpu_cores") if v is not None]
     return {
         "goal_concurrency": s.goal_concurrency,
+        "server_cpu_cores": {c: service[c].get("server_cpu_cores") for c in levels},
+        "bench_cpu_cores": {c: service[c].get("bench_cpu_cores") for c in levels},
         "client_cpu_cores": {c: service[c].get("client_cpu_cores") for c in levels},
         "other_cpu_cores": {
             "median": median(other),
             "max": max(other, default=None),
-            "note": "cores that other processes kept busy during the measurements",
+            "note": "cores that processes other than the benchmark's and the service's kept "
+            "busy during the measurements",
         },
         "throughput_tokens_per_s": tps,
         "ratios": ratios,
@@ -794,7 +896,8 @@ def table(report: dict[str, Any]) -> str:
     tps, ratios, latency = report["throughput_tokens_per_s"], report["ratios"], report["latency_ms"]
     header = (
         f"{'clients':>7} {'tok/s':>8} {'x seed':>7} {'ideal':>8} {'x ideal':>8} "
-        f"{'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} (ms) {'client CPU':>10}"
+        f"{'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} (ms) "
+        f"{'server CPU':>10} {'clients':>7} {'bench':>5}"
     )
     lines = [header, "-" * len(header)]
     for c, rate in tps["service"].items():
@@ -804,7 +907,9 @@ def table(report: dict[str, Any]) -> str:
             f"{fmt(tps['ideal'][c], '8.0f')} {fmt(ratios['service_over_ideal'][c], '8.2f')} "
             f"{fmt(lat['ttft_p50'], '9.1f')} {fmt(lat['ttft_p99'], '7.1f')} "
             f"{fmt(lat['itl_p50'], '8.1f')} {fmt(lat['itl_p99'], '7.1f')}      "
-            f"{fmt(report['client_cpu_cores'][c], '10.2f')}"
+            f"{fmt(report['server_cpu_cores'][c], '10.2f')} "
+            f"{fmt(report['client_cpu_cores'][c], '7.2f')} "
+            f"{fmt(report['bench_cpu_cores'][c], '5.2f')}"
         )
     a, o, co = report["adapters"], report["grpc_overhead"], report["co_serving"]
     lines += [
@@ -824,6 +929,8 @@ def table(report: dict[str, Any]) -> str:
         f"{fmt(co['train_tokens_per_s_alone'], '.0f')} tok/s alone, "
         f"{fmt(co['train_tokens_per_s_during'], '.0f')} tok/s meanwhile "
         f"(x{fmt(co['train_ratio'], '.2f')})",
+        "CPU in cores: server = the service's process; clients = the client threads; bench = "
+        "the benchmark's whole process (clients, their channels)",
         f"other processes kept {fmt(report['other_cpu_cores']['median'], '.2f')} cores busy "
         f"(median; max {fmt(report['other_cpu_cores']['max'], '.2f')}) during the measurements",
         "",
@@ -871,9 +978,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch intra-op threads for the whole process, server included (default: "
-        "torch's, one per core). On a machine shared with other busy processes, 1 avoids "
-        "threads waiting on a descheduled peer at every operation",
+        help="torch intra-op threads, for this process (the seed way, the ideal, the "
+        "in-process engine) and the service's alike (default: torch's, one per core). On a "
+        "machine shared with other busy processes, 1 avoids threads waiting on a descheduled "
+        "peer at every operation",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if a goal is not met")
     args = parser.parse_args(argv)
@@ -916,8 +1024,10 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
             service, ideal = points["service"][str(c)], points["ideal"][str(c)]
             _log(
                 f"{tag} {c:>3} clients: service {service['tokens_per_s']:6.0f} tok/s, ideal "
-                f"{ideal['tokens_per_s']:6.0f} tok/s; other load "
-                f"{fmt(service['other_cpu_cores'], '.1f')} cores"
+                f"{ideal['tokens_per_s']:6.0f} tok/s; server CPU "
+                f"{fmt(service['server_cpu_cores'], '.2f')}, bench "
+                f"{fmt(service['bench_cpu_cores'], '.2f')}, other load "
+                f"{fmt(service['other_cpu_cores'], '.2f')} cores"
             )
         if not seed_first:
             runs["seed"].append(with_contention(run_seed, ctx))
@@ -949,11 +1059,17 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
     return runs
 
 
-def with_contention(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """`fn(*args)`'s result, with the cores other processes kept busy meanwhile."""
-    before = cpu_snapshot()
-    result = fn(*args)
-    result["other_cpu_cores"] = before.other_cores() if before is not None else None
+def with_contention(fn: Callable[..., dict[str, Any]], ctx: Context, *args: Any) -> dict[str, Any]:
+    """`fn(ctx, *args)`'s result, with the cores used meanwhile by the service's process
+    ("server_cpu_cores": all its threads, training included), by this process
+    ("bench_cpu_cores": the clients and their channels, or the seed way's or the ideal's
+    own compute) and by every other process ("other_cpu_cores")."""
+    before = cpu_snapshot([ctx.service.pid])
+    result = fn(ctx, *args)
+    usage = before.usage() if before is not None else None
+    result["server_cpu_cores"] = usage.watched if usage is not None else None
+    result["bench_cpu_cores"] = usage.process if usage is not None else None
+    result["other_cpu_cores"] = usage.other if usage is not None else None
     return result
 
 
@@ -964,6 +1080,8 @@ def _order(items: Sequence[str], repeat: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM ends the run through its `finally` blocks, so that the service stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     quiet_libraries()
     s = settings_from(args)
     if args.threads:
@@ -971,18 +1089,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or RESULTS / ("generate-quick.json" if args.quick else "generate.json")
     source = source_revision(tuneserve.__file__)  # now: the code imported, not a later commit
 
+    # What the service's process gets too: the same intra-op threads as the seed way, the
+    # ideal and the in-process engine, which run here.
+    threads = torch.get_num_threads()
+
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         work = Path(tmp)
         model_dir, tokenizer, n_params = build_model_dir(work / "model", s.shape, seed=s.seed)
-        server = LocalServer(server_config(s, args, model_dir, work / "data"))
+        config = server_config(s, args, model_dir, work / "data")
+        # The in-process side of the gRPC comparison: its own adapter directory, as it
+        # serves the base model only.
+        engine = Engine(config=config, registry=AdapterRegistry(work / "local-adapters"))
+        device, dtype = engine.device, engine.dtype
+        service = ServiceProcess(config, threads=threads)
         try:
-            engine = server.engine
-            device, dtype = engine.device, engine.dtype
+            _log(f"service: pid {service.pid} on {service.target}, {threads} torch threads")
+            engine.load()
             reference = load_model(str(model_dir), device=device, dtype=dtype).eval()
             train_mix = LengthMix(short=s.train_tokens, long_fraction=0.0)
             ctx = Context(
                 settings=s,
-                server=server,
+                service=service,
+                engine=engine,
                 tokenizer=tokenizer,
                 reference=reference,
                 device=device,
@@ -997,9 +1125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(median {lengths[len(lengths) // 2]}), {s.max_new_tokens} new tokens each"
             )
             runs = measure(ctx, args.repeats)
-            server_settings = _server_settings(server.running.services.config)
         finally:
-            server.stop()
+            try:
+                engine.stop()
+            finally:
+                service.stop()
+        server_settings = {
+            **_server_settings(config),
+            "process": "own (tuneserve serve)",
+            "torch_threads": threads,
+        }
 
     report = summarise(s, runs)
     results = {

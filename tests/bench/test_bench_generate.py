@@ -1,7 +1,7 @@
-"""Smoke test of the generation benchmark: the --quick sizes run end to end (a real server,
-adapters trained through it, a training job beside generation) and write a results file
-with every figure the issue asks for. It checks the plumbing, not the speed: tiny runs on a
-shared machine say nothing about throughput."""
+"""Smoke test of the generation benchmark: the --quick sizes run end to end (a real server in
+its own process, adapters trained through it, a training job beside generation) and write a
+results file with every figure the issue asks for. It checks the plumbing, not the speed:
+tiny runs on a shared machine say nothing about throughput."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert set(throughput[contender]) == set(levels), contender
         assert all(v > 0 for v in throughput[contender].values()), throughput
     assert set(results["client_cpu_cores"]) == set(levels)
+    # The service ran in its own process, which did the decoding, with the benchmark's
+    # torch threads.
+    assert set(results["server_cpu_cores"]) == set(levels)
+    assert all(v is None or v > 0 for v in results["server_cpu_cores"].values())
+    assert results["server"]["torch_threads"] == results["device"]["torch_threads"]
     assert results["other_cpu_cores"]["median"] is None or results["other_cpu_cores"]["median"] >= 0
     for name in ("service_over_seed", "service_over_ideal", "ideal_over_seed"):
         assert all(r > 0 for r in results["ratios"][name].values()), name
@@ -78,3 +83,13 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert all(isinstance(g["met"], bool) for g in results["goals"].values())
     for name in ("service", "ideal", "seed", "mixed", "same", "co_serving"):
         assert len(results["runs"][name]) == 1, name
+
+
+def test_service_process_gets_the_benchmark_configuration(tmp_path: Path) -> None:
+    """The flags the benchmark starts `tuneserve serve` with build the very configuration
+    it recorded and compared against."""
+    from bench.generate import QUICK, parse_args, serve_flags, server_config
+    from tuneserve.config import config_from_flags
+
+    config = server_config(QUICK, parse_args(["--quick"]), tmp_path / "model", tmp_path / "data")
+    assert config_from_flags(serve_flags(config), env={}) == config
