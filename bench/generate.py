@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -60,7 +61,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ from tuneserve.config import ENV_PREFIX, ServerConfig
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
-from tuneserve.models import load_model
+from tuneserve.models import load_model, resolve_device, resolve_dtype
 from tuneserve.registry import AdapterRegistry
 from tuneserve_client import FINAL_STATES, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
@@ -303,7 +304,8 @@ class Context:
 
     settings: Settings
     service: ServiceProcess  # the service under test, in its own process
-    engine: Engine  # the same engine in this process: the gRPC comparison's other side
+    config: ServerConfig  # the service's configuration, for the in-process engine too
+    local_adapters: Path  # the in-process engine's adapter directory (it serves none)
     tokenizer: Tokenizer
     reference: PreTrainedModel  # the seed way's and the ideal's copy of the base model
     device: torch.device
@@ -560,18 +562,21 @@ def grpc_overhead(ctx: Context) -> dict[str, Any]:
     process) and through an engine built in this process from the same configuration and
     model files (the code path the service runs, minus gRPC), alternated, with the same
     prompt and parameters. The difference is the client, the channel across processes, the
-    servicer and its thread hop. Each side is idle while the other is timed: the local
-    engine's decode thread only waits for work between its own requests."""
+    servicer and its thread hop. Each side is idle while the other is timed.
+
+    The local engine lives only for this measurement, which runs after every run of the
+    seed way and the ideal: a loaded engine, even idle, slows torch in its process (the
+    seed way ran at ~0.6x with one loaded beside it, and not quite at full speed after it
+    stopped), and they run in this process."""
     s = ctx.settings
     prompt = ctx.prompts[0]
     request = GenerationRequest(
         prompt=prompt, params=SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True)
     )
-    engine = ctx.engine
     over_grpc: list[float] = []
     in_process: list[float] = []
     tokens: set[int] = set()
-    with TuneserveClient(ctx.service.target) as client:
+    with TuneserveClient(ctx.service.target) as client, local_engine(ctx) as engine:
         client.wait_ready()
 
         def remote() -> int:
@@ -583,6 +588,7 @@ def grpc_overhead(ctx: Context) -> dict[str, Any]:
             chunks = list(engine.generate(request, is_cancelled=lambda: False))
             return chunks[-1].generated_tokens
 
+        remote(), local()  # untimed: the fresh engine's first request, the channel's
         for trial in range(s.overhead_trials):
             order = [(remote, over_grpc), (local, in_process)]
             for fn, into in order if trial % 2 == 0 else order[::-1]:
@@ -598,6 +604,18 @@ def grpc_overhead(ctx: Context) -> dict[str, Any]:
         "in_process_ms": local_s * 1000,
         "overhead": grpc_s / local_s - 1,
     }
+
+
+@contextlib.contextmanager
+def local_engine(ctx: Context) -> Iterator[Engine]:
+    """An engine in this process, built from the service's configuration and model files
+    (the same code path the service runs, minus gRPC), loaded and warmed, stopped after."""
+    engine = Engine(config=ctx.config, registry=AdapterRegistry(ctx.local_adapters))
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 # --- Adapters -------------------------------------------------------------------------------
@@ -759,11 +777,6 @@ def warm_up(ctx: Context) -> None:
         )
     ids = [list(ctx.tokenizer(p)["input_ids"]) for p in ctx.prompts[:clients]]
     ideal_batch(ctx, ids)
-    request = GenerationRequest(
-        prompt=ctx.prompts[0], params=SamplingParams(max_new_tokens=4, greedy=True)
-    )
-    for _ in ctx.engine.generate(request, is_cancelled=lambda: False):
-        pass
     synchronize(ctx.device)
 
 
@@ -1003,10 +1016,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
     """Every measurement, `repeats` times. The base model first (no adapter loaded yet, so
-    the service serves the same bare model as the seed way and the ideal), then adapters,
-    then co-serving. The service and the ideal run back to back at each concurrency, and
-    the seed way first or last in turn, so that each ratio compares runs taken close
-    together: on a shared machine the load of other work drifts within minutes."""
+    the service serves the same bare model as the seed way and the ideal), then the gRPC
+    overhead, then adapters, then co-serving. The service and the ideal run back to back
+    at each concurrency, and the seed way first or last in turn, so that each ratio
+    compares runs taken close together: on a shared machine the load of other work drifts
+    within minutes."""
     s = ctx.settings
     runs: dict[str, list[Any]] = {name: [] for name in BASE_CONTENDERS}
     runs |= {"grpc_overhead": [], "mixed": [], "same": [], "co_serving": []}
@@ -1034,9 +1048,15 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
         runs["service"].append(points["service"])
         runs["ideal"].append(points["ideal"])
         _log(f"{tag} seed way {runs['seed'][-1]['tokens_per_s']:.0f} tok/s")
+    # After every run of the seed way and the ideal: an engine that has lived in this
+    # process leaves torch here slower (see grpc_overhead), and they run here.
+    for repeat in range(repeats):
         runs["grpc_overhead"].append(with_contention(grpc_overhead, ctx))
         o = runs["grpc_overhead"][-1]
-        _log(f"{tag} one request {o['grpc_ms']:.1f} ms gRPC, {o['in_process_ms']:.1f} in-process")
+        _log(
+            f"[{repeat + 1}/{repeats}] one request {o['grpc_ms']:.1f} ms gRPC, "
+            f"{o['in_process_ms']:.1f} in-process"
+        )
     _log(f"training {s.adapters} adapters through the service")
     adapters = train_adapters(ctx)
     for repeat in range(repeats):
@@ -1097,20 +1117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         model_dir, tokenizer, n_params = build_model_dir(work / "model", s.shape, seed=s.seed)
         config = server_config(s, args, model_dir, work / "data")
-        # The in-process side of the gRPC comparison: its own adapter directory, as it
-        # serves the base model only.
-        engine = Engine(config=config, registry=AdapterRegistry(work / "local-adapters"))
-        device, dtype = engine.device, engine.dtype
+        device = resolve_device(config.device)  # as the service resolves them
+        dtype = resolve_dtype(config.dtype, device)
         service = ServiceProcess(config, threads=threads)
         try:
             _log(f"service: pid {service.pid} on {service.target}, {threads} torch threads")
-            engine.load()
             reference = load_model(str(model_dir), device=device, dtype=dtype).eval()
             train_mix = LengthMix(short=s.train_tokens, long_fraction=0.0)
             ctx = Context(
                 settings=s,
                 service=service,
-                engine=engine,
+                config=config,
+                local_adapters=work / "local-adapters",
                 tokenizer=tokenizer,
                 reference=reference,
                 device=device,
@@ -1126,10 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             runs = measure(ctx, args.repeats)
         finally:
-            try:
-                engine.stop()
-            finally:
-                service.stop()
+            service.stop()
         server_settings = {
             **_server_settings(config),
             "process": "own (tuneserve serve)",
