@@ -7,7 +7,7 @@
 //                   [--cert client.pem --key client.key] [--steps 20]
 
 const { parseArgs } = require('node:util');
-const { TuneserveClient } = require('./tuneserve');
+const { TuneserveClient, TuneserveError } = require('./tuneserve');
 
 const ROWS = [
   { prompt: 'Question: Who is your father? Answer:', response: ' I am your father.' },
@@ -92,7 +92,22 @@ function stateName(job) {
   return job.state.replace('JOB_STATE_', '');
 }
 
+// A failed call prints its code, the bad field, the message and the server's reason, e.g.
+//   error: INVALID_ARGUMENT dataset.inline.rows[0].response: is missing or empty (reason ...)
+// and, when the server named several bad fields, one line for each.
+function describe(error) {
+  if (!(error instanceof TuneserveError)) return `error: ${error.message}`;
+  const where = error.field && !error.details.startsWith(error.field) ? `${error.field}: ` : '';
+  let text = `error: ${error.code} ${where}${error.details}`;
+  if (error.reason) text += ` (reason ${error.reason})`;
+  if (error.retryAfterMs != null) text += ` (retry after ${error.retryAfterMs} ms)`;
+  if (error.violations.length > 1) {
+    for (const v of error.violations) text += `\n  ${v.field}: ${v.description}`;
+  }
+  return text;
+}
+
 main().catch((error) => {
-  console.error(`error: ${error.message}`);
+  console.error(describe(error));
   process.exit(1);
 });

@@ -3,13 +3,16 @@
 // (@grpc/proto-loader), connects in plaintext or over TLS (mutual TLS with a client
 // certificate) with an optional bearer token, and offers promise-returning calls with
 // deadlines. Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried by grpc-js
-// itself, from a service config: a stream only until its first message arrives.
+// itself, from a service config: a stream only until its first message arrives. A failed
+// call rejects with a TuneserveError carrying the server's rich details (AIP-193), decoded
+// from the grpc-status-details-bin trailer.
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs/light');
 
 const DEFAULT_PROTO = path.resolve(__dirname, '../../proto/tuneserve/v1/tuneserve.proto');
 const FINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
@@ -29,8 +32,99 @@ function loadApi(protoPath = process.env.TUNESERVE_PROTO || DEFAULT_PROTO) {
   return grpc.loadPackageDefinition(definition).tuneserve.v1;
 }
 
+// The few google.rpc / google.protobuf messages of the error details, from their public
+// definitions (google/rpc/status.proto, google/rpc/error_details.proto, google/protobuf/
+// any.proto and duration.proto), as a protobufjs JSON descriptor: nothing to fetch or parse.
+const RPC_TYPES = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        protobuf: {
+          nested: {
+            Any: {
+              fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } },
+            },
+            Duration: {
+              fields: { seconds: { type: 'int64', id: 1 }, nanos: { type: 'int32', id: 2 } },
+            },
+          },
+        },
+        rpc: {
+          nested: {
+            Status: {
+              fields: {
+                code: { type: 'int32', id: 1 },
+                message: { type: 'string', id: 2 },
+                details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 },
+              },
+            },
+            ErrorInfo: {
+              fields: {
+                reason: { type: 'string', id: 1 },
+                domain: { type: 'string', id: 2 },
+                metadata: { keyType: 'string', type: 'string', id: 3 },
+              },
+            },
+            BadRequest: {
+              fields: { field_violations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
+              nested: {
+                FieldViolation: {
+                  fields: {
+                    field: { type: 'string', id: 1 },
+                    description: { type: 'string', id: 2 },
+                  },
+                },
+              },
+            },
+            RetryInfo: { fields: { retry_delay: { type: 'google.protobuf.Duration', id: 1 } } },
+          },
+        },
+      },
+    },
+  },
+});
+const STATUS = RPC_TYPES.lookupType('google.rpc.Status');
+const DETAIL_TYPES = Object.fromEntries(
+  ['google.rpc.ErrorInfo', 'google.rpc.BadRequest', 'google.rpc.RetryInfo'].map((name) => [
+    name,
+    RPC_TYPES.lookupType(name),
+  ]),
+);
+const TO_OBJECT = { longs: Number, defaults: true, arrays: true, objects: true };
+
+/** The google.rpc.Status of a failed call, from its grpc-status-details-bin trailer, with
+ *  its known details unpacked: { code, message, details: [{ type, ...fields }] }. Null when
+ *  there is none, it does not decode, or its code disagrees with the call's. */
+function decodeStatusDetails(error) {
+  const raw = error.metadata && error.metadata.get('grpc-status-details-bin')[0];
+  if (!raw) return null;
+  let status;
+  try {
+    status = STATUS.decode(Buffer.isBuffer(raw) ? raw : Buffer.from(String(raw), 'base64'));
+  } catch {
+    return null;
+  }
+  if (status.code !== error.code) return null;
+  const details = [];
+  for (const any of status.details) {
+    const type = any.type_url.slice(any.type_url.lastIndexOf('/') + 1);
+    const messageType = DETAIL_TYPES[type];
+    if (!messageType) continue; // a detail this client does not know: skip it
+    try {
+      details.push({ type, ...messageType.toObject(messageType.decode(any.value), TO_OBJECT) });
+    } catch {
+      // a detail that does not decode: skip it
+    }
+  }
+  return { code: status.code, message: status.message, details };
+}
+
 /** A failed call: `code` is the status name ("INVALID_ARGUMENT"), `details` the server's
- *  message; the rich details (google.rpc.Status) are in metadata 'grpc-status-details-bin'. */
+ *  message, and from the server's rich details (AIP-193, google.rpc.Status): `reason` and
+ *  `domain` (ErrorInfo), `field` (the bad field, e.g. "dataset.inline.rows[3].response"),
+ *  `row` (the dataset row, or null), `violations` ([{ field, description }], BadRequest) and
+ *  `retryAfterMs` (the server's RetryInfo hint with RESOURCE_EXHAUSTED, or null).
+ *  `statusDetails` is the whole decoded Status (null without one); `metadata` the trailers. */
 class TuneserveError extends Error {
   constructor(error) {
     const code = CODE_NAMES[error.code] || String(error.code);
@@ -39,10 +133,35 @@ class TuneserveError extends Error {
     this.code = code;
     this.details = error.details || '';
     this.metadata = error.metadata;
+    this.reason = '';
+    this.domain = '';
+    this.field = '';
+    this.row = null;
+    this.violations = [];
+    this.retryAfterMs = null;
+    this.statusDetails = decodeStatusDetails(error);
+    for (const detail of this.statusDetails ? this.statusDetails.details : []) {
+      if (detail.type === 'google.rpc.ErrorInfo') {
+        this.reason = detail.reason;
+        this.domain = detail.domain;
+        this.field = detail.metadata.field || '';
+        const row = detail.metadata.row;
+        if (row !== undefined && row !== '') this.row = Number(row);
+      } else if (detail.type === 'google.rpc.BadRequest') {
+        this.violations = detail.field_violations.map(({ field, description }) => ({
+          field,
+          description,
+        }));
+      } else if (detail.type === 'google.rpc.RetryInfo' && detail.retry_delay) {
+        this.retryAfterMs = detail.retry_delay.seconds * 1000 + detail.retry_delay.nanos / 1e6;
+      }
+    }
   }
 }
 
 function retryConfig(maxAttempts) {
+  // grpc-js refuses a retry policy with maxAttempts under 2: no policy at all means no retries.
+  if (maxAttempts < 2) return JSON.stringify({ methodConfig: [] });
   return JSON.stringify({
     methodConfig: [
       {
@@ -180,4 +299,4 @@ function pem(source) {
   return source.includes('-----BEGIN') ? Buffer.from(source) : fs.readFileSync(source);
 }
 
-module.exports = { TuneserveClient, TuneserveError, loadApi, FINAL_STATES };
+module.exports = { TuneserveClient, TuneserveError, decodeStatusDetails, loadApi, FINAL_STATES };

@@ -1,9 +1,10 @@
 """End to end: the Node.js example (clients/node) against the real server: it trains an
 adapter, follows the job to SUCCEEDED and streams a generation with it, in plaintext and over
-mutual TLS with a bearer token."""
+mutual TLS with a bearer token; a refused call's rich details (google.rpc.Status) are decoded."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -37,10 +38,12 @@ def node_modules() -> Path:
     return installed
 
 
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+def run_example(*args: str, script: str = "example.js") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    if script == "example.js":
+        args = ("--steps", "6", *args)
     return subprocess.run(
-        ["node", str(NODE_DIR / "example.js"), "--steps", "6", *args],
+        ["node", str(NODE_DIR / script), *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -63,9 +66,20 @@ def test_node_example_trains_follows_and_streams(
 ) -> None:
     server = server_factory(make_config(tiny_gpt2, tmp_path))
     assert_trained_and_generated(run_example("--target", server.target))
-    # Errors exit non-zero with the status code: here an adapter id the server refuses.
+    # Errors exit non-zero with the status code and the bad field: an adapter id refused.
     bad = run_example("--target", server.target, "--adapter-id", "Not Valid!")
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert bad.stderr.startswith("error: INVALID_ARGUMENT adapter_id: "), bad.stderr
+    assert "(reason INVALID_ARGUMENT)" in bad.stderr
+    # The details of a refused call are decoded: a dataset row with an empty response.
+    refused = run_example("--target", server.target, script="errors.js")
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    error = json.loads(refused.stdout)
+    field = "dataset.inline.rows[1].response"
+    assert error["code"] == "INVALID_ARGUMENT" and error["reason"] == "INVALID_ARGUMENT"
+    assert error["domain"] == "tuneserve" and error["field"] == field and error["row"] == 1
+    assert [v["field"] for v in error["violations"]] == [field]
+    assert error["details"].startswith(field) and error["retryAfterMs"] is None
 
 
 def test_node_example_over_mutual_tls_with_a_token(
