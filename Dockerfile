@@ -88,8 +88,8 @@ RUN apt-get update \
 COPY --from=builder /opt/tuneserve /opt/tuneserve
 
 # Data (job store, adapters) and caches are volumes in Kubernetes; the root filesystem can
-# stay read-only. HF_HOME holds downloaded base models; torch's and triton's caches go to
-# the same writable place.
+# stay read-only. HF_HOME holds downloaded base models; torch's, triton's and CUDA's JIT
+# caches go to the same writable place.
 ENV PATH=/opt/tuneserve/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -98,6 +98,7 @@ ENV PATH=/opt/tuneserve/bin:${PATH} \
     HF_HOME=/var/cache/tuneserve/huggingface \
     XDG_CACHE_HOME=/var/cache/tuneserve \
     TRITON_CACHE_DIR=/var/cache/tuneserve/triton \
+    CUDA_CACHE_PATH=/var/cache/tuneserve/nv \
     HOME=/home/tuneserve
 
 WORKDIR /var/lib/tuneserve
