@@ -474,3 +474,40 @@ def test_an_adapter_that_fails_to_load_fails_its_request_not_the_scheduler(
         assert result(fine, timeout=2).last.finish_reason is FinishReason.LENGTH
     except queue.Empty:
         pytest.fail("the scheduler stopped serving")
+
+
+def test_a_failed_admission_releases_each_adapter_use_once(
+    make_scheduler: Callable[..., Scheduler],
+    tiny_gpt2: Path,
+    registry: AdapterRegistry,
+    tokenizer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newcomer that finishes at prefill has released its adapter already: when merging
+    the others into the batch then fails, it is not released a second time (which would
+    take the count of a row still decoding through that adapter, so it could be evicted)."""
+    cache = cache_for(tiny_gpt2, registry)
+    scheduler = make_scheduler(adapters=cache)
+    running = request(tokenizer, PROMPTS[0], "a1", max_new_tokens=450)
+    scheduler.submit(running)
+    wait_until(lambda: scheduler.stats.running == 1)
+    short = request(tokenizer, PROMPTS[1], "a1", max_new_tokens=1)  # ends at prefill
+    failed = request(tokenizer, PROMPTS[2], "a1", max_new_tokens=10)
+
+    def out_of_memory(*_: Any, **__: Any) -> None:
+        raise torch.OutOfMemoryError("no room to merge")
+
+    with paused(scheduler):
+        monkeypatch.setattr(scheduler._batch, "add", out_of_memory)
+        scheduler.submit(short)
+        scheduler.submit(failed)
+    assert result(short).last.finish_reason is FinishReason.LENGTH
+    with pytest.raises(torch.OutOfMemoryError):
+        result(failed)
+    assert short.out.empty()  # one end per request: no error after its last chunk
+    # the running row still holds a1: it cannot be dropped or evicted under it
+    assert scheduler.call(lambda: cache._in_use["a1"]) == 1
+    assert scheduler.call(lambda: cache.drop("a1")) is False
+    running.cancelled.set()
+    assert result(running).last.finish_reason is FinishReason.CANCELLED
+    assert scheduler.call(lambda: cache.drop("a1")) is True

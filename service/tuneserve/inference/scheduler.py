@@ -103,6 +103,10 @@ class Request:
     decoder: IncrementalDecoder | None = None
     generator: torch.Generator | None = None
     processors: LogitsProcessorList | None = None
+    # Set while the request counts as a user of its adapter (from admission to its end):
+    # the count is given back exactly once, however the request ends.
+    holds_adapter: bool = False
+    finished: bool = False  # its last chunk or error was put on `out`
 
 
 @dataclass
@@ -233,6 +237,7 @@ class Scheduler:
                 continue
             self._dequeue(request)
             self._adapters.acquire(request.adapter_id)
+            request.holds_adapter = True
             admitted.append(request)
         if not admitted:
             return
@@ -240,8 +245,9 @@ class Scheduler:
             self._prefill(admitted)
         except Exception as e:
             log.exception("prefill failed")
-            for request in admitted:
-                self._end(request, error=e)
+            for request in admitted:  # the ones that finished at prefill have had their end
+                if not request.finished:
+                    self._end(request, error=e)
 
     def _dequeue(self, request: Request) -> None:
         with self._lock:
@@ -368,15 +374,25 @@ class Scheduler:
 
     def _finish(self, request: Request, text: str, reason: FinishReason) -> None:
         request.out.put(self._chunk(request, text, reason))
-        self._adapters.release(request.adapter_id)
+        self._release(request)
         self._finished(request, reason.value)
 
     def _end(self, request: Request, *, error: BaseException) -> None:
+        if request.finished:  # it already had its last chunk: one end per request
+            return
         request.out.put(error)
-        self._adapters.release(request.adapter_id)
+        self._release(request)
         self._finished(request, "ERROR")
 
+    def _release(self, request: Request) -> None:
+        """Give back the request's use of its adapter, once: a second release would take
+        the count of other rows still decoding through that adapter."""
+        if request.holds_adapter:
+            request.holds_adapter = False
+            self._adapters.release(request.adapter_id)
+
     def _finished(self, request: Request, outcome: str) -> None:
+        request.finished = True
         self._observer.generation_finished(
             outcome=outcome,
             seconds=time.monotonic() - request.submitted_at,
