@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from tuneserve.errors import FailedPrecondition
-from tuneserve.inference.lora_batch import MultiLora
+from tuneserve.inference.lora_batch import BatchedLoraEmbedding, BatchedLoraLinear, MultiLora
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.models import load_model, load_tokenizer
 
@@ -351,3 +351,38 @@ def test_matrices_gathered_for_one_batch_are_never_reused_for_another(setup: Set
     lora.remove("embed")
     lora.add("wide", read_lora("wide", setup.adapters["wide"], model))  # embed's slot
     check(["wide", "", "attn"])  # the same slot ids as the last batch
+
+
+def wrapped(model: Any) -> list[BatchedLoraLinear | BatchedLoraEmbedding]:
+    return [m for m in model.modules() if isinstance(m, BatchedLoraLinear | BatchedLoraEmbedding)]
+
+
+def test_gathered_matrices_are_dropped_once_no_row_needs_them(setup: Setup) -> None:
+    model, lora = batched(setup, "attn", "embed")
+    prompt = prompt_ids(setup, 1)[0]
+    lora.select(["attn", "embed", ""])
+    last_logits(model, prompt, 3)
+    assert any(layer._rows is not None for layer in wrapped(model))
+    for rows in (["attn", "attn"], ["", ""], ["embed", "embed"]):
+        lora.select(rows)
+        last_logits(model, prompt, 2)
+        assert all(layer._rows is None for layer in wrapped(model)), rows
+
+
+def test_the_embedding_gathers_only_b_per_row(setup: Setup) -> None:
+    """The embedding indexes A by token on each forward: a per-row gather of A would be
+    [rows, R, vocabulary] held for nothing."""
+    model, lora = batched(setup, "attn", "embed")
+    lora.select(["embed", "", "attn"])
+    last_logits(model, prompt_ids(setup, 1)[0], 3)
+    [embedding] = [m for m in wrapped(model) if isinstance(m, BatchedLoraEmbedding)]
+    assert embedding._rows is not None
+    [b] = embedding._rows[1]
+    assert b.shape == (3, *embedding.lora_b.shape[1:])
+
+
+def test_rows_that_differ_from_the_selection_are_refused_by_name(setup: Setup) -> None:
+    model, lora = batched(setup, "attn", "embed")
+    lora.select(["embed", "", "attn"])
+    with pytest.raises(RuntimeError, match=r"LoRA layer \S+: the input has 2 rows .* for 3"):
+        last_logits(model, prompt_ids(setup, 1)[0], 2)

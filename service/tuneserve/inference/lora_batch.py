@@ -61,9 +61,12 @@ class LoraPair:
 class _Stacked(nn.Module):
     """Per-slot stacks of one layer and the slot bookkeeping common to both wrappers."""
 
-    def __init__(self, base: nn.Module, selection: Selection, in_dim: int, out_dim: int) -> None:
+    def __init__(
+        self, base: nn.Module, selection: Selection, in_dim: int, out_dim: int, name: str = ""
+    ) -> None:
         super().__init__()
         self.base_layer = base
+        self.layer_name = name  # the module's name in the model, for errors
         self._selection = selection
         weight = base.weight
         assert isinstance(weight, torch.Tensor)
@@ -71,16 +74,28 @@ class _Stacked(nn.Module):
         self.lora_a = weight.new_zeros(1, 0, in_dim)  # [slots, R, in]
         self.lora_b = weight.new_zeros(1, 0, out_dim)  # [slots, R, out]
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter there
-        self._rows: tuple[int, torch.Tensor, torch.Tensor] | None = None  # version, A, B
+        # The matrices gathered for the rows of a MIXED selection, at its version; dropped
+        # as soon as a forward needs none (one adapter or none for the whole batch).
+        self._rows: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
-    def _gathered(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A[slot]^T [rows, in, R] and B[slot] [rows, R, out] of every row, as gathered at
-        the current selection version."""
+    def _gathered(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`_gather(index)`, kept until the selection version changes."""
         version = self._selection.version
         if self._rows is None or self._rows[0] != version:
-            a = self.lora_a.index_select(0, index).mT
-            self._rows = (version, a, self.lora_b.index_select(0, index))
-        return self._rows[1], self._rows[2]
+            self._rows = None  # free the old ones before gathering the new
+            self._rows = (version, self._gather(index))
+        return self._rows[1]
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The per-row matrices this layer's MIXED forward uses."""
+        raise NotImplementedError
+
+    def _check_rows(self, x: torch.Tensor, rows: int) -> None:
+        if x.shape[0] != rows:
+            raise RuntimeError(
+                f"LoRA layer {self.layer_name or type(self.base_layer).__name__}: the input has "
+                f"{x.shape[0]} rows but the adapters were selected for {rows}"
+            )
 
     def put(self, slot: int, pair: LoraPair) -> None:
         """Write one adapter's matrices into `slot` (growing the stacks if needed)."""
@@ -119,13 +134,15 @@ class _Stacked(nn.Module):
 
     def _slot_in_use(self) -> int | None:
         """The one slot every row uses (0 = none of this layer's adapters), or None when
-        the rows need gathering."""
+        the rows need gathering. Matrices gathered for earlier rows are dropped when none
+        are needed."""
         sel = self._selection
-        if sel.mode is Mode.BASE:
-            return 0
-        if sel.mode is Mode.SINGLE:
-            return sel.slot if sel.slot in self.ranks else 0
-        return None if not sel.active.isdisjoint(self.ranks) else 0
+        if sel.mode is Mode.MIXED and not sel.active.isdisjoint(self.ranks):
+            return None
+        self._rows = None
+        if sel.mode is Mode.SINGLE and sel.slot in self.ranks:
+            return sel.slot
+        return 0
 
 
 class BatchedLoraLinear(_Stacked):
@@ -146,9 +163,14 @@ class BatchedLoraLinear(_Stacked):
         index = self._selection.index
         assert index is not None
         rows = index.shape[0]
+        self._check_rows(x, rows)
         a, b = self._gathered(index)
         h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a)
         return y.view(rows, -1, out).baddbmm_(h, b).view(y.shape)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A[slot]^T [rows, in, R] and B[slot] [rows, R, out] of every row."""
+        return self.lora_a.index_select(0, index).mT, self.lora_b.index_select(0, index)
 
 
 class BatchedLoraEmbedding(_Stacked):
@@ -167,10 +189,16 @@ class BatchedLoraEmbedding(_Stacked):
         index = self._selection.index
         assert index is not None
         rows = index.shape[0]
+        self._check_rows(ids, rows)
         tokens = ids.reshape(rows, -1)
-        h = self.lora_a.mT[index[:, None], tokens]  # [rows, tokens, R]
-        _, b = self._gathered(index)
+        h = self.lora_a.mT[index[:, None], tokens]  # [rows, tokens, R]: A^T's rows, per token
+        (b,) = self._gathered(index)
         return y.view(rows, -1, width).baddbmm_(h, b).view(y.shape)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """B[slot] [rows, R, width] of every row: A is indexed by token on each forward,
+        so it is never gathered whole ([rows, R, vocabulary] would be large)."""
+        return (self.lora_b.index_select(0, index),)
 
 
 def layer_features(module: nn.Module) -> tuple[int, int]:
@@ -266,7 +294,7 @@ class MultiLora:
         base = getattr(parent, child)
         in_dim, out_dim = layer_features(base)
         cls = BatchedLoraEmbedding if isinstance(base, nn.Embedding) else BatchedLoraLinear
-        layer = cls(base, self._selection, in_dim, out_dim)
+        layer = cls(base, self._selection, in_dim, out_dim, name)
         setattr(parent, child, layer)
         self._layers[name] = layer
         return layer
