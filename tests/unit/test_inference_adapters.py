@@ -208,6 +208,40 @@ def test_drop_refuses_an_adapter_in_use(cache: AdapterCache) -> None:
     assert cache.evictions == 1
 
 
+def test_an_adapter_replaced_while_in_use_is_reloaded_once_its_requests_end(
+    tiny_gpt2: Path, tmp_path: Path, add_adapter: Any, expected: dict[str, torch.Tensor]
+) -> None:
+    """Invalidated while a request runs on it: that request keeps the old matrices, a new
+    one waits, and gets the adapter as it is on disk once the old ones are gone."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    add_adapter(registry, tiny_gpt2, "x", seed=1)  # the same matrices as a1
+    add_adapter(registry, tiny_gpt2, "y", seed=2)  # and as a2
+    cache = AdapterCache(
+        model=fresh_model(tiny_gpt2), registry=registry, base_model=str(tiny_gpt2), capacity=2
+    )
+    assert cache.ensure("x")
+    cache.acquire("x")
+    weights = "adapter_model.safetensors"
+    (registry.path("x") / weights).write_bytes((registry.path("y") / weights).read_bytes())
+    cache.invalidate("x")  # retrained under the same id
+    assert cache.drop("x") is False  # still in use
+    with torch.inference_mode():  # the running request is still served the old matrices
+        old = cache.forward(["x"], input_ids=IDS).logits
+    torch.testing.assert_close(old, expected["a1"])
+    assert cache.ensure("x") is False  # a new request waits rather than get the old ones
+    cache.release("x")
+    assert cache.loaded == []  # evicted as its last request ended
+    assert cache.ensure("x")
+    with torch.inference_mode():
+        new = cache.forward(["x"], input_ids=IDS).logits
+    torch.testing.assert_close(new, expected["a2"])
+    assert (cache.loads, cache.evictions) == (2, 1)
+    cache.invalidate("x")  # not in use: unloaded at once
+    assert cache.loaded == []
+    cache.invalidate("x")  # not loaded: nothing to do
+    assert cache.evictions == 2
+
+
 def test_evicting_the_last_adapter_returns_the_plain_model(
     cache: AdapterCache, expected: dict[str, torch.Tensor]
 ) -> None:

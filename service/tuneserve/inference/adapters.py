@@ -7,6 +7,9 @@ forward serves rows on any mix of loaded adapters and the base model (`forward`)
 - Adapters in use by a running request, and pinned ones, are never evicted. When every
   slot is taken by such adapters, `ensure` says so and the request waits its turn.
 - Every hit touches the entry.
+- An adapter replaced or deleted on disk while requests run with it (`invalidate`) keeps
+  serving those requests, is evicted when the last of them ends, and is never served to a
+  new one: that one waits and gets the adapter as it is on disk now.
 
 Not thread-safe: only the scheduler's thread calls it (it owns the model)."""
 
@@ -44,6 +47,7 @@ class AdapterCache:
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU first
         self._in_use: Counter[str] = Counter()
         self._pinned: set[str] = set()
+        self._stale: set[str] = set()  # loaded, but changed on disk since: evict when unused
         self.loads = 0
         self.evictions = 0
 
@@ -60,6 +64,10 @@ class AdapterCache:
         that may not be evicted right now (the caller retries later)."""
         if not adapter_id:
             return True
+        if adapter_id in self._stale:
+            if self._in_use[adapter_id]:
+                return False  # its old matrices serve running requests: wait for them
+            self._evict(adapter_id)  # then load it as it is on disk now
         if adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
             return True
@@ -86,6 +94,8 @@ class AdapterCache:
             self._in_use[adapter_id] -= 1
             if self._in_use[adapter_id] <= 0:
                 del self._in_use[adapter_id]
+                if adapter_id in self._stale:
+                    self._evict(adapter_id)
 
     def pin(self, adapter_id: str, pinned: bool) -> None:
         if pinned:
@@ -101,6 +111,18 @@ class AdapterCache:
         if adapter_id in self._loaded:
             self._evict(adapter_id)
         return True
+
+    def invalidate(self, adapter_id: str) -> None:
+        """The adapter was replaced or deleted on disk: unload it now, or, while requests
+        run with it, as soon as the last of them ends; no new request is served the
+        matrices loaded before."""
+        self._pinned.discard(adapter_id)
+        if adapter_id not in self._loaded:
+            return
+        if self._in_use[adapter_id]:
+            self._stale.add(adapter_id)
+        else:
+            self._evict(adapter_id)
 
     def forward(self, adapter_ids: list[str], **inputs: Any) -> Any:
         """One forward of the model, row i through adapter `adapter_ids[i]` ("" the base
@@ -135,6 +157,7 @@ class AdapterCache:
     def _evict(self, adapter_id: str) -> None:
         self._lora.remove(adapter_id)
         del self._loaded[adapter_id]
+        self._stale.discard(adapter_id)
         self.evictions += 1
         log.info("adapter %s evicted", adapter_id)
 

@@ -278,11 +278,12 @@ class Engine:
         return self._registry.register(staging, info)
 
     def drop_adapter(self, adapter_id: str) -> None:
-        """Forget an adapter that was deleted or replaced on disk."""
+        """Forget an adapter that was deleted or replaced on disk (one in use is unloaded
+        when its running requests end; new ones get it as it is on disk now)."""
         self._classifier.drop(adapter_id)
         if self._adapters is not None:
             adapters = self._adapters
-            self._call(lambda: adapters.drop(adapter_id))
+            self._call(lambda: adapters.invalidate(adapter_id))
 
     def adapter_state(self) -> AdapterState:
         a = self._require_adapters()
