@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from tuneserve.inference.adapters import (
     AdapterCache,
-    check_lora_fits,
     check_servable,
     read_lora_config,
 )
+from tuneserve.inference.lora_files import read_lora
 from tuneserve.models import load_model
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 from tuneserve.tiny_models import tiny_config
@@ -375,23 +375,26 @@ def test_check_servable_refuses(overrides: dict[str, Any], words: str) -> None:
     assert words in exc.value.message
 
 
-# --- check_lora_fits
+# --- read_lora as the import check (field "path")
 
 
 def module_names(model: Any) -> list[str]:
     return [n for n, _ in model.named_modules()]
 
 
+def fits(model: Any, directory: Path) -> None:
+    read_lora("imported", directory, model, field="path")
+
+
 def test_a_matching_adapter_fits_the_model_and_leaves_it_alone(
     cache: AdapterCache, registry: AdapterRegistry
 ) -> None:
-    weights = registry.path("a3") / "adapter_model.safetensors"
     before = module_names(cache.model)
-    check_lora_fits(cache.model, weights)
+    fits(cache.model, registry.path("a3"))
     assert module_names(cache.model) == before
     cache.ensure("a1")  # also with adapters loaded on the model (layers wrapped)
     before = module_names(cache.model)
-    check_lora_fits(cache.model, weights)
+    fits(cache.model, registry.path("a3"))
     assert module_names(cache.model) == before
 
 
@@ -402,7 +405,7 @@ def test_an_adapter_of_another_architecture_does_not_fit(
     before = module_names(cache.model)
     state = {k: v.clone() for k, v in cache.model.state_dict().items()}
     with pytest.raises(FailedPrecondition) as exc:
-        check_lora_fits(cache.model, llama / "adapter_model.safetensors")
+        fits(cache.model, llama)
     assert exc.value.field == "path"
     assert "q_proj" in exc.value.message
     assert "does not have" in exc.value.message
@@ -411,21 +414,38 @@ def test_an_adapter_of_another_architecture_does_not_fit(
     assert all(torch.equal(v, state[k]) for k, v in cache.model.state_dict().items())
 
 
-@pytest.mark.parametrize(
-    ("matrix", "shape"),
-    [("lora_A", [4, 32]), ("lora_B", [96, 4])],  # c_attn of the tiny GPT-2: 64 in, 192 out
-)
+def lora_dir(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+C_ATTN = "base_model.model.transformer.h.1.attn.c_attn"  # the tiny GPT-2's: 64 in, 192 out
+
+
+@pytest.mark.parametrize(("a", "b"), [([4, 32], [192, 4]), ([4, 64], [96, 4])])
 def test_a_lora_matrix_of_the_wrong_shape_does_not_fit(
-    cache: AdapterCache, tmp_path: Path, matrix: str, shape: list[int]
+    cache: AdapterCache, tmp_path: Path, a: list[int], b: list[int]
 ) -> None:
-    key = f"base_model.model.transformer.h.1.attn.c_attn.{matrix}.weight"
-    path = tmp_path / "adapter_model.safetensors"
-    save_file({key: torch.zeros(shape)}, str(path))
+    tensors = {f"{C_ATTN}.lora_A.weight": torch.zeros(a), f"{C_ATTN}.lora_B.weight": torch.zeros(b)}
     with pytest.raises(FailedPrecondition) as exc:
-        check_lora_fits(cache.model, path)
+        fits(cache.model, lora_dir(tmp_path / "bad", tensors))
     assert exc.value.field == "path"
-    assert key in exc.value.message
-    assert "(64 in, 192 out)" in exc.value.message
+    assert "transformer.h.1.attn.c_attn" in exc.value.message
+    assert "64 in and 192 out" in exc.value.message
+
+
+def test_a_lora_of_rank_0_is_refused_not_divided_by(cache: AdapterCache, tmp_path: Path) -> None:
+    tensors = {
+        f"{C_ATTN}.lora_A.weight": torch.zeros(0, 64),
+        f"{C_ATTN}.lora_B.weight": torch.zeros(192, 0),
+    }
+    with pytest.raises(FailedPrecondition) as exc:
+        fits(cache.model, lora_dir(tmp_path / "r0", tensors))
+    assert exc.value.field == "path"
+    assert "rank 0" in exc.value.message
 
 
 def test_an_embedding_lora_for_another_vocabulary_does_not_fit(
@@ -437,7 +457,7 @@ def test_an_embedding_lora_for_another_vocabulary_does_not_fit(
     config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["wte"])
     get_peft_model(other, config).save_pretrained(tmp_path / "emb")
     with pytest.raises(FailedPrecondition) as exc:
-        check_lora_fits(cache.model, tmp_path / "emb" / "adapter_model.safetensors")
+        fits(cache.model, tmp_path / "emb")
     assert "wte" in exc.value.message
 
 

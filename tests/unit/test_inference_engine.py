@@ -1,4 +1,5 @@
-"""tuneserve.inference.engine: pinning adapters through the engine (LoadAdapter)."""
+"""tuneserve.inference.engine: pinning adapters through the engine (LoadAdapter), and the
+import check (ImportAdapter refuses what a load would refuse)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tuneserve.config import ServerConfig
 from tuneserve.errors import FailedPrecondition
@@ -36,6 +38,7 @@ def engine(tiny_gpt2: Path, tmp_path: Path, add_adapter: Any) -> Iterator[Engine
         device="cpu",
         dtype="float32",
         max_loaded_adapters=1,
+        adapter_import_roots=(tmp_path / "imports",),
     )
     engine = Engine(config=config, registry=registry)
     engine.load()
@@ -60,3 +63,24 @@ def test_a_refused_pin_is_not_recorded(engine: Engine) -> None:
     state = engine.adapter_state()
     assert state.loaded == ["p"]
     assert state.pinned == {"p"}
+
+
+@pytest.mark.parametrize("flaw", ["nan", "rank 0"])
+def test_import_refuses_what_a_load_would_refuse(engine: Engine, tmp_path: Path, flaw: str) -> None:
+    """Import runs the load's own check: an adapter whose shapes fit but that no Generate
+    could load (NaN matrices, rank 0) is refused on `path` and never registered."""
+    source = engine._registry.path("p")
+    target = tmp_path / "imports" / "flawed"
+    target.mkdir(parents=True)
+    (target / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    for key, tensor in tensors.items():
+        if flaw == "nan":
+            tensors[key] = torch.full_like(tensor, float("nan"))
+        else:  # A [0, in], B [out, 0]
+            tensors[key] = tensor[:0] if ".lora_A." in key else tensor[:, :0]
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    with pytest.raises(FailedPrecondition) as exc:
+        engine.import_adapter(str(target), "flawed")
+    assert exc.value.field == "path"
+    assert not engine._registry.exists("flawed")

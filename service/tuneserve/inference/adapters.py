@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,12 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from tuneserve.errors import FailedPrecondition, InvalidArgument
-from tuneserve.inference.lora_batch import MultiLora, base_layers
+from tuneserve.inference.lora_batch import MultiLora
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.jobs.model import Task
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
-
-_LORA_KEY = re.compile(r"\.lora_(embedding_)?([AB])(\.|$)")
 
 
 class AdapterCache:
@@ -146,9 +143,8 @@ class AdapterCache:
         info = self._registry.get(adapter_id)
         check_servable(info, self._base_model)
         directory = self._registry.path(adapter_id)
-        # Shapes first, on the file alone: a misfit never touches the model. Then every
-        # matrix is read and checked before the first is written into a slot.
-        check_lora_fits(self.model, directory / "adapter_model.safetensors")
+        # Every matrix is read and checked against the model before the first is written
+        # into a slot: a misfit never touches the model.
         self._lora.add(adapter_id, read_lora(adapter_id, directory, self.model))
         self._loaded[adapter_id] = None
         self.loads += 1
@@ -180,43 +176,6 @@ def check_servable(info: AdapterInfo, base_model: str, path: Path | None = None)
             f"but this server serves {base_model}",
             field="adapter_id",
         )
-
-
-def check_lora_fits(model: PreTrainedModel, weights: Path) -> None:
-    """Every LoRA matrix in `weights` matches the shape of the base layer it adapts: the
-    check an imported adapter must pass, done on shapes alone so the model is untouched."""
-    from safetensors import safe_open
-
-    modules = dict(base_layers(model))
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            match = _LORA_KEY.search(key)
-            if match is None:
-                continue
-            name = key[: match.start()].removeprefix("base_model.model.")
-            module = modules.get(name)
-            if module is None:
-                raise FailedPrecondition(
-                    f"path: the adapter adapts {name!r}, which the base model does not have",
-                    field="path",
-                )
-            in_features, out_features = _features(module)
-            shape = tuple(f.get_slice(key).get_shape())
-            # A is [r, in] and B [out, r]; for embeddings, in is the vocabulary, out the width.
-            fits = shape[1] == in_features if match.group(2) == "A" else shape[0] == out_features
-            if not fits:
-                raise FailedPrecondition(
-                    f"path: {key} has shape {list(shape)}, which does not fit {name!r} of the "
-                    f"base model ({in_features} in, {out_features} out)",
-                    field="path",
-                )
-
-
-def _features(module: Any) -> tuple[int, int]:
-    if hasattr(module, "in_features"):
-        return int(module.in_features), int(module.out_features)
-    rows, cols = module.weight.shape  # transformers' Conv1D (GPT-2) stores [in, out]
-    return int(rows), int(cols)
 
 
 def read_lora_config(directory: Path) -> dict[str, Any]:

@@ -24,11 +24,11 @@ from tuneserve.data.rows import resolve_under_roots
 from tuneserve.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tuneserve.inference.adapters import (
     AdapterCache,
-    check_lora_fits,
     check_servable,
     read_lora_config,
 )
 from tuneserve.inference.classifier import Classifier
+from tuneserve.inference.lora_files import read_lora
 from tuneserve.inference.params import (
     GenerationChunk,
     GenerationRequest,
@@ -258,7 +258,9 @@ class Engine:
                 field="path",
             )
         adapters = self._require_adapters()
-        self._call(lambda: check_lora_fits(adapters.model, weights))
+        # The very check a load makes (lora_files.read_lora), on the thread that owns the
+        # model: an adapter registered here is one Generate can load.
+        self._call(lambda: read_lora(adapter_id, source, adapters.model, field="path"))
         staging = self._registry.staging_dir()
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(source / name, staging / name)

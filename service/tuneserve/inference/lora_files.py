@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,16 +35,26 @@ _UNSERVABLE = {
 }
 
 
-def read_lora(adapter_id: str, directory: Path, model: nn.Module) -> dict[str, LoraPair]:
-    """The adapter's matrices by module name, each checked against the base layer."""
+def read_lora(
+    adapter_id: str, directory: Path, model: nn.Module, *, field: str = "adapter_id"
+) -> dict[str, LoraPair]:
+    """The adapter's matrices by module name, each checked against the base layer; the
+    model is only read. Anything amiss is a FailedPrecondition on `field` ("adapter_id"
+    when a request names the adapter, "path" when a directory is imported)."""
+    subject = f"adapter {adapter_id!r}" if field == "adapter_id" else f"{field}: the adapter"
 
     def refuse(why: str) -> FailedPrecondition:
         return FailedPrecondition(
-            f"adapter {adapter_id!r} cannot be served with other adapters: {why}",
-            field="adapter_id",
+            f"{subject} cannot be served with other adapters: {why}", field=field
         )
 
-    config: dict[str, Any] = json.loads((directory / "adapter_config.json").read_text())
+    try:
+        config: dict[str, Any] = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise refuse(f"its files cannot be read ({e})") from None
+    if not isinstance(config, dict):
+        raise refuse("adapter_config.json is not an object")
     if config.get("peft_type") != "LORA":
         raise refuse(f"a {config.get('peft_type')} adapter, not LORA")
     for option, why in _UNSERVABLE.items():
@@ -56,7 +67,7 @@ def read_lora(adapter_id: str, directory: Path, model: nn.Module) -> dict[str, L
     layers = dict(base_layers(model))
     found: dict[str, dict[str, torch.Tensor]] = {}
     embedding: dict[str, bool] = {}
-    for key, tensor in load_file(str(directory / "adapter_model.safetensors")).items():
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             copy = _BASE_COPY.match(key)
@@ -65,7 +76,7 @@ def read_lora(adapter_id: str, directory: Path, model: nn.Module) -> dict[str, L
             raise refuse(f"{key} is not a LoRA matrix")
         name = match.group(1)
         if name not in layers:
-            raise refuse(f"{key}: the base model has no module {name!r}")
+            raise refuse(f"{key} adapts {name!r}, which the base model does not have")
         found.setdefault(name, {})[match.group(3)] = tensor
         embedding[name] = match.group(2) is not None
     if not found:
@@ -89,6 +100,8 @@ def read_lora(adapter_id: str, directory: Path, model: nn.Module) -> dict[str, L
                 f"{name}: A {list(a.shape)} and B {list(b.shape)} do not fit a layer of "
                 f"{in_dim} in and {out_dim} out"
             )
+        if rank < 1:
+            raise refuse(f"{name}: rank {rank}; a LoRA has rank 1 or more")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise refuse(f"{name}: the matrices hold NaN or infinite values")
         scale = _alpha_for(name, alpha_pattern, alpha)
