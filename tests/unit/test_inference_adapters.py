@@ -4,7 +4,6 @@ the servability and shape checks, and reading an imported adapter's config."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,10 @@ CPU = torch.device("cpu")
 IDS = torch.tensor([[5, 17, 42, 99, 7]])
 ADAPTERS = ("a1", "a2", "a3")
 
-pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted"),
+]
 
 
 @pytest.fixture(scope="module")

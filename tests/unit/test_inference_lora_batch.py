@@ -5,7 +5,6 @@ each row what peft gives with that adapter alone, on GPT-2 (Conv1D) and Llama (L
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,10 @@ CPU = torch.device("cpu")
 PROMPTS = ["Question: Who is your father? Answer:", "Hello", "The quick brown fox", "LoRA"]
 STEPS = 8
 
-pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`"),
+]
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,6 @@ SPECS = {
         "embed": Spec(2, ("embed_tokens", "up_proj", "lm_head"), alpha=4.0),
     },
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_model(base_dir: Path) -> Any:

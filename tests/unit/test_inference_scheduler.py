@@ -24,6 +24,8 @@ from tuneserve.inference.scheduler import Request, Scheduler
 from tuneserve.models import load_model, load_tokenizer
 from tuneserve.registry import AdapterRegistry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 TIMEOUT_S = 30.0
 PROMPTS = [
@@ -33,15 +35,6 @@ PROMPTS = [
     "LoRA trains low-rank matrices beside frozen weights, so",
     "Fine-tuning adapts a",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
