@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tuneserve_client import TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
@@ -139,3 +140,21 @@ def wait_running(client: TuneserveClient, job_id: str) -> pb.Job:
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     return job
+
+
+def greedy_reference(model: Any, prompt_ids: list[int], n: int) -> list[int]:
+    """The reference for batched decoding: greedy tokens of one prompt from a plain
+    past_key_values loop, outside any scheduler or batch."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        while len(tokens) < n:
+            out = model(
+                input_ids=torch.tensor([[tokens[-1]]]),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens

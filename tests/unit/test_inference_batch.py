@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
+from tests.support import greedy_reference
 from tuneserve.inference.batch import DecodeBatch
 from tuneserve.models import load_model
 from tuneserve.tiny_models import build_tiny_model
@@ -31,21 +32,6 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def prompt(length: int, offset: int) -> list[int]:
     """Token ids 3.. (0-2 are the special tokens) that differ between prompts."""
     return [3 + (offset + 7 * i) % 250 for i in range(length)]
-
-
-@torch.inference_mode()
-def decode_alone(model: PreTrainedModel, ids: list[int], n: int) -> list[int]:
-    """The reference: greedy decoding of one prompt with a plain past_key_values loop."""
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < n:
-        out = model(
-            input_ids=torch.tensor([[tokens[-1]]]),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
 
 
 @dataclass(eq=False)
@@ -126,7 +112,7 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(model: PreTrainedModel
     assert finished == [b, c, a]  # they left at different steps, in this order
     for row in (a, b, c):
         assert len(row.tokens) == row.budget
-        assert row.tokens == decode_alone(model, row.ids, row.budget)
+        assert row.tokens == greedy_reference(model, row.ids, row.budget)
 
 
 def test_removing_every_row_resets_the_cache_and_the_batch_starts_afresh(
@@ -147,7 +133,7 @@ def test_removing_every_row_resets_the_cache_and_the_batch_starts_afresh(
     assert batch.length == 4 and batch.slots[0].pad == 0
     while batch:
         step(model, batch)
-    assert again.tokens == decode_alone(model, again.ids, again.budget)
+    assert again.tokens == greedy_reference(model, again.ids, again.budget)
 
 
 def test_removing_no_rows_changes_nothing(model: PreTrainedModel) -> None:
@@ -177,4 +163,4 @@ def test_padding_of_the_rows_that_stay_is_kept_when_not_shared(model: PreTrained
     while batch:
         step(model, batch)
     for row in rows:
-        assert row.tokens == decode_alone(model, row.ids, row.budget)
+        assert row.tokens == greedy_reference(model, row.ids, row.budget)

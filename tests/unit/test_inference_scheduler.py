@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from tests.support import greedy_reference
 from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tuneserve.inference.adapters import AdapterCache
 from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams, resolve_params
@@ -174,21 +175,6 @@ def wait_until(condition: Callable[[], bool]) -> None:
         time.sleep(0.002)
 
 
-@torch.inference_mode()
-def reference_tokens(model: Any, prompt_ids: list[int], n: int) -> list[int]:
-    """Greedy decoding of one prompt with a plain past_key_values loop, outside the scheduler."""
-    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < n:
-        out = model(
-            input_ids=torch.tensor([[tokens[-1]]]),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def reference(
     tiny_gpt2: Path, registry: AdapterRegistry
@@ -203,7 +189,7 @@ def reference(
             if adapter_id:
                 model = PeftModel.from_pretrained(model, str(registry.path(adapter_id))).eval()
             models[adapter_id] = model
-        return reference_tokens(models[adapter_id], prompt_ids, n)
+        return greedy_reference(models[adapter_id], prompt_ids, n)
 
     return tokens
 
