@@ -45,7 +45,9 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clean: bool = True) -> None:
+        """`clean`: clear the staging and trash areas, for the one process that owns the
+        directory (the server, at start; its inference worker opens it with clean=False)."""
         self.root = root
         self._staging = root / ".staging"
         self._trash = root / ".trash"
@@ -53,8 +55,9 @@ class AdapterRegistry:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash mid-write or mid-delete are never visible adapters.
         for leftovers in (self._staging, self._trash):
-            shutil.rmtree(leftovers, ignore_errors=True)
-            leftovers.mkdir()
+            if clean:
+                shutil.rmtree(leftovers, ignore_errors=True)
+            leftovers.mkdir(exist_ok=True)
 
     def staging_dir(self) -> Path:
         """A fresh directory to write an adapter into before `register` moves it."""

@@ -74,9 +74,23 @@ def test_metrics_move_with_training_and_generation(
             client.get_status("missing")
         assert e.value.code == grpc.StatusCode.NOT_FOUND
 
-    after = scrape(port)
     service = "tuneserve.v1.TuneserveService"
     unary = {"grpc_type": "unary", "grpc_service": service}
+    # A call is counted as handled once its status is sent, so the client can see the
+    # status a moment before the counter moves: wait for the last call's count.
+    deadline = time.monotonic() + 5
+    while True:
+        after = scrape(port)
+        handled = value(
+            after,
+            "grpc_server_handled_total",
+            grpc_method="GetStatus",
+            grpc_code="NOT_FOUND",
+            **unary,
+        )
+        if handled or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert value(after, "grpc_server_started_total", grpc_method="Generate", **unary) == 4
     assert (
         value(after, "grpc_server_handled_total", grpc_method="Generate", grpc_code="OK", **unary)

@@ -139,7 +139,8 @@ def test_tls_call_with_right_token_is_served_any_listed_token(
             metadata=BEARER,
             timeout=30,
         )
-        assert list(stream)[-1].generated_tokens == 2
+        # Sampled tokens may end early on EOS; what matters is the stream was served.
+        assert 1 <= list(stream)[-1].generated_tokens <= 2
 
 
 def test_streaming_call_without_token_is_refused(
