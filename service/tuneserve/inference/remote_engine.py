@@ -105,7 +105,9 @@ class RemoteEngine(ChunkStreams):
         context = multiprocessing.get_context("spawn")  # never fork a process using CUDA
         mine, theirs = context.Pipe()
         process = context.Process(
-            target=worker.main, args=(self._config, theirs), name="tuneserve-inference"
+            target=worker.main,
+            args=(self._config, self._registry.root, theirs),
+            name="tuneserve-inference",
         )
         process.daemon = True  # multiprocessing ends it if this process exits first
         process.start()

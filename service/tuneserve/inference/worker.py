@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from tuneserve.config import ServerConfig
@@ -49,14 +50,15 @@ CALLS = frozenset({"load_adapter", "unload_adapter", "check_fits", "drop_adapter
 MEMORY_EVERY_S = 1.0
 
 
-def main(config: ServerConfig, conn: Connection) -> None:
-    """The worker process's entry point (multiprocessing, spawn)."""
+def main(config: ServerConfig, adapters_dir: Path, conn: Connection) -> None:
+    """The worker process's entry point (multiprocessing, spawn): serve the server's
+    adapter registry at `adapters_dir`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from tuneserve.logs import setup_logging
 
     setup_logging(level=config.log_level, json_format=config.log_format == "json")
-    Worker(config, conn).run()
+    Worker(config, adapters_dir, conn).run()
 
 
 class _Recorder:
@@ -138,7 +140,7 @@ class _PipeSink:
 
 
 class Worker:
-    def __init__(self, config: ServerConfig, conn: Connection) -> None:
+    def __init__(self, config: ServerConfig, adapters_dir: Path, conn: Connection) -> None:
         self._conn = conn
         self.outbox = Outbox(conn)
         # Running or waiting, by the server's id, for cancellation. A request can end on
@@ -148,7 +150,7 @@ class Worker:
         self._requests_lock = threading.Lock()
         self._memory_at = 0.0
         # The server's registry owns the directory (and clears its staging area on start).
-        registry = AdapterRegistry(config.adapters_dir, clean=False)
+        registry = AdapterRegistry(adapters_dir, clean=False)
         self.engine = Engine(
             config=config,
             registry=registry,
