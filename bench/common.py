@@ -396,24 +396,6 @@ def process_ticks(pid: int | str = "self") -> int | None:
         return None
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process under it (a service's inference worker), as /proc shows
-    them now; just `pid` where /proc is not Linux's."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        tree += children
-        frontier = children
-    return tree
-
-
 @dataclass(frozen=True)
 class CpuUsage:
     """Cores kept busy on average over a window: by this process, by the processes it

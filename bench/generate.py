@@ -83,7 +83,6 @@ from bench.common import (
     make_rows,
     median,
     percentile,
-    process_tree,
     ratio,
     rotations,
     row_text,
@@ -1082,11 +1081,10 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
 
 def with_contention(fn: Callable[..., dict[str, Any]], ctx: Context, *args: Any) -> dict[str, Any]:
     """`fn(ctx, *args)`'s result, with the cores used meanwhile by the service's process
-    ("server_cpu_cores": all its threads and its inference worker's, training included), by
-    this process
+    ("server_cpu_cores": all its threads, training included), by this process
     ("bench_cpu_cores": the clients and their channels, or the seed way's or the ideal's
     own compute) and by every other process ("other_cpu_cores")."""
-    before = cpu_snapshot(process_tree(ctx.service.pid))
+    before = cpu_snapshot([ctx.service.pid])
     result = fn(ctx, *args)
     usage = before.usage() if before is not None else None
     result["server_cpu_cores"] = usage.watched if usage is not None else None

@@ -23,8 +23,6 @@ from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
 from tuneserve.coserving import DevicePolicy
 from tuneserve.inference.engine import Engine
-from tuneserve.inference.remote_engine import RemoteEngine
-from tuneserve.inference.worker import cuda_memory
 from tuneserve.jobs.manager import JobManager, Limits
 from tuneserve.jobs.store import SQLiteJobStore
 from tuneserve.metrics import GpuCollector, Metrics
@@ -40,7 +38,7 @@ class Services:
     metrics: Metrics
     store: SQLiteJobStore
     registry: AdapterRegistry
-    engine: Engine | RemoteEngine
+    engine: Engine
     jobs: JobManager
 
 
@@ -48,8 +46,7 @@ def build_services(config: ServerConfig) -> Services:
     store = SQLiteJobStore(config.db_path)
     metrics = Metrics()
     registry = AdapterRegistry(config.adapters_dir)
-    engine_type = RemoteEngine if config.inference_process else Engine
-    engine = engine_type(config=config, registry=registry, observer=metrics)
+    engine = Engine(config=config, registry=registry, observer=metrics)
     policy = DevicePolicy(generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s)
     jobs = JobManager(
         store=store,
@@ -70,7 +67,7 @@ def build_services(config: ServerConfig) -> Services:
         before_training_step=policy.before_training_step,
         observer=metrics,
     )
-    watch_service(metrics, engine, jobs, GpuCollector(torch_memory=lambda: _torch_memory(engine)))
+    watch_service(metrics, engine, jobs, GpuCollector(torch_memory=_torch_memory))
     return Services(
         config=config, metrics=metrics, store=store, registry=registry, engine=engine, jobs=jobs
     )
@@ -111,15 +108,15 @@ def watch_service(metrics: Metrics, engine: Any, jobs: Any, gpu: Any) -> None:
     metrics.add_collector(gpu)
 
 
-def _torch_memory(engine: Engine | RemoteEngine) -> list[tuple[str, int, int]]:
-    """CUDA memory torch holds per device (allocated, reserved): this process's (training)
-    and the inference worker's, as it last reported."""
-    totals: dict[str, tuple[int, int]] = {}
-    theirs = engine.cuda_memory() if isinstance(engine, RemoteEngine) else []
-    for device, allocated, reserved in [*cuda_memory(), *theirs]:
-        a, r = totals.get(device, (0, 0))
-        totals[device] = (a + allocated, r + reserved)
-    return [(device, a, r) for device, (a, r) in sorted(totals.items())]
+def _torch_memory() -> list[tuple[str, int, int]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [
+        (f"cuda:{i}", torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i))
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 class RunningServer:
@@ -231,10 +228,6 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    worker_lost = asyncio.Event()
-    engine = running.services.engine
-    if isinstance(engine, RemoteEngine):  # no generation without it: stop, to be restarted
-        engine.on_lost(lambda: _set_soon(loop, worker_lost, stop))
     loader = asyncio.create_task(running.load())
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -244,11 +237,3 @@ async def serve(config: ServerConfig) -> None:
     else:
         loader.cancel()
     await running.stop()
-    if worker_lost.is_set():
-        raise RuntimeError("the inference worker exited; the server stopped (see the log)")
-
-
-def _set_soon(loop: asyncio.AbstractEventLoop, *events: asyncio.Event) -> None:
-    """Set `events` on their loop, from any thread."""
-    for event in events:
-        loop.call_soon_threadsafe(event.set)

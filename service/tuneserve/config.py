@@ -82,12 +82,6 @@ class ServerConfig:
         "Co-serving: before each training step, wait up to this long while generation "
         "requests are running or waiting (0: no yielding).",
     )
-    inference_process: bool = _opt(
-        True,
-        "Run the model for generation (decode loop, adapters) in a worker process of its "
-        "own, so that it never waits on the gRPC server's Python: true or false (false: in "
-        "the server's process, one process fewer to watch, slower under many streams).",
-    )
     grace_period_s: float = _opt(10.0, "On SIGTERM, seconds in-flight calls get to finish.")
     max_dataset_rows: int = _opt(100_000, "Most rows a dataset may have.")
     max_dataset_bytes: int = _opt(256 * 1024 * 1024, "Largest dataset file or request, in bytes.")

@@ -6,16 +6,10 @@ but never longer than `max_yield_s` per step. So an idle server trains at full s
 steady generation load training slows to about one step per `max_yield_s` (plus the step),
 and no generation request waits behind a training step for more than one step's time.
 
-"Generation busy" is the engine's view: requests submitted and not yet ended, counted in the
-server's process even when the decoder runs in the inference worker (a pipe away).
-
 Memory: the trainer holds its own copy of the base model while a job runs (jobs/ and
-training/runner.py, in the server's process); the decoder holds one copy shared by every
-adapter (in the inference worker's process by default, `--inference-process`). Holding the
-frozen base weights once for both would halve that, at the price of one process (the
-decoder back under the gRPC server's interpreter lock) or of CUDA IPC between the two, and
-a lock around every forward pass; with the device time-sliced as above, that is the next
-step when memory is tight."""
+training/runner.py); the decoder holds one copy shared by every adapter. Sharing the frozen
+base weights between the two would halve that, at the price of a lock around every forward
+pass; with the device time-sliced as above, that is the next step when memory is tight."""
 
 from __future__ import annotations
 

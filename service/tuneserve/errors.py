@@ -31,9 +31,6 @@ class InvalidArguments(InvalidArgument):
         super().__init__(summary, field=first.field, row=first.row)
         self.problems = problems
 
-    def __reduce__(self) -> tuple[type, tuple[list[InvalidArgument]]]:
-        return (type(self), (self.problems,))  # pickled whole (across the worker's pipe)
-
 
 class NotFound(TuneserveError):
     reason = "NOT_FOUND"

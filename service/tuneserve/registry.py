@@ -45,9 +45,7 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path, *, clean: bool = True) -> None:
-        """`clean`: clear the staging and trash areas, for the one process that owns the
-        directory (the server, at start; its inference worker opens it with clean=False)."""
+    def __init__(self, root: Path) -> None:
         self.root = root
         self._staging = root / ".staging"
         self._trash = root / ".trash"
@@ -55,9 +53,8 @@ class AdapterRegistry:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash mid-write or mid-delete are never visible adapters.
         for leftovers in (self._staging, self._trash):
-            if clean:
-                shutil.rmtree(leftovers, ignore_errors=True)
-            leftovers.mkdir(exist_ok=True)
+            shutil.rmtree(leftovers, ignore_errors=True)
+            leftovers.mkdir()
 
     def staging_dir(self) -> Path:
         """A fresh directory to write an adapter into before `register` moves it."""

@@ -1,15 +1,8 @@
-"""tuneserve.inference.engine and .remote_engine (the same engine in a worker process):
-pinning adapters (LoadAdapter), the import check (ImportAdapter refuses what a load would
-refuse), and for the worker, the same generations, slots freed by callers that leave, and
-requests in flight failed as UNAVAILABLE when the worker dies."""
+"""tuneserve.inference.engine: pinning adapters through the engine (LoadAdapter), and the
+import check (ImportAdapter refuses what a load would refuse)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,72 +12,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneserve.config import ServerConfig
-from tuneserve.errors import FailedPrecondition, Unavailable
+from tuneserve.errors import FailedPrecondition
 from tuneserve.inference.engine import Engine
-from tuneserve.inference.params import GenerationRequest, SamplingParams
-from tuneserve.inference.remote_engine import RemoteEngine, WorkerLost
 from tuneserve.registry import AdapterRegistry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def engine_config(base: Path, tmp_path: Path) -> ServerConfig:
-    return ServerConfig(
-        base_model=str(base),
+@pytest.fixture()
+def engine(tiny_gpt2: Path, tmp_path: Path, add_adapter: Any) -> Iterator[Engine]:
+    """An engine over the tiny GPT-2 with one adapter slot and adapters "p" and "q"."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    add_adapter(registry, tiny_gpt2, "p", seed=1)
+    add_adapter(registry, tiny_gpt2, "q", seed=2)
+    config = ServerConfig(
+        base_model=str(tiny_gpt2),
         data_dir=tmp_path / "data",
         device="cpu",
         dtype="float32",
         max_loaded_adapters=1,
         adapter_import_roots=(tmp_path / "imports",),
     )
-
-
-@pytest.fixture()
-def registry(tiny_gpt2: Path, tmp_path: Path, add_adapter: Any) -> AdapterRegistry:
-    """Adapters "p" and "q" on the tiny GPT-2."""
-    registry = AdapterRegistry(tmp_path / "adapters")
-    add_adapter(registry, tiny_gpt2, "p", seed=1)
-    add_adapter(registry, tiny_gpt2, "q", seed=2)
-    return registry
-
-
-@pytest.fixture(params=[Engine, RemoteEngine])
-def engine(
-    request: pytest.FixtureRequest, tiny_gpt2: Path, tmp_path: Path, registry: AdapterRegistry
-) -> Iterator[Engine]:
-    """An engine over the tiny GPT-2 with one adapter slot, in this process or a worker."""
-    engine = request.param(config=engine_config(tiny_gpt2, tmp_path), registry=registry)
+    engine = Engine(config=config, registry=registry)
     engine.load()
     try:
         yield engine
     finally:
         engine.stop()
-
-
-@pytest.fixture()
-def remote(tiny_gpt2: Path, tmp_path: Path, registry: AdapterRegistry) -> Iterator[RemoteEngine]:
-    engine = RemoteEngine(config=engine_config(tiny_gpt2, tmp_path), registry=registry)
-    engine.load()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-def greedy(prompt: str, adapter_id: str = "", tokens: int = 12) -> GenerationRequest:
-    params = SamplingParams(max_new_tokens=tokens, greedy=True)
-    return GenerationRequest(prompt=prompt, adapter_id=adapter_id, params=params)
-
-
-def text(engine: Engine | RemoteEngine, request: GenerationRequest) -> str:
-    return "".join(c.text for c in engine.generate(request, is_cancelled=lambda: False))
-
-
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_load_adapter_with_pin_loads_and_pins_it(engine: Engine) -> None:
@@ -123,58 +77,3 @@ def test_import_refuses_what_a_load_would_refuse(engine: Engine, tmp_path: Path,
         engine.import_adapter(str(target), "flawed")
     assert exc.value.field == "path"
     assert not engine._registry.exists("flawed")
-
-
-def test_the_worker_generates_what_the_engine_generates(
-    remote: RemoteEngine, tiny_gpt2: Path, tmp_path: Path, registry: AdapterRegistry
-) -> None:
-    local = Engine(config=engine_config(tiny_gpt2, tmp_path), registry=registry)
-    local.load()
-    try:
-        for request in (greedy("Hello there"), greedy("Hello there", "p"), greedy("Why", "q")):
-            assert text(remote, request) == text(local, request)
-    finally:
-        local.stop()
-    assert text(remote, greedy("Hello there", "p")) != text(remote, greedy("Hello there"))
-
-
-def test_a_caller_that_leaves_frees_its_slot_in_the_worker(remote: RemoteEngine) -> None:
-    chunks = remote.generate(greedy("hi", tokens=480), is_cancelled=lambda: False)
-    next(chunks)
-    assert remote.busy
-    chunks.close()  # the consumer stops early
-    wait_until(lambda: not remote.busy and remote.stats.running == 0)
-    assert text(remote, greedy("hi", tokens=3))
-
-
-def test_a_dead_worker_fails_requests_in_flight_and_refuses_new_ones(
-    remote: RemoteEngine,
-) -> None:
-    lost = threading.Event()
-    remote.on_lost(lost.set)
-    chunks = remote.generate(greedy("hi", tokens=480), is_cancelled=lambda: False)
-    next(chunks)
-    assert remote.pid is not None
-    os.kill(remote.pid, signal.SIGKILL)
-    with pytest.raises(WorkerLost):
-        list(chunks)
-    assert lost.wait(10)
-    assert not remote.ready
-    with pytest.raises(Unavailable):
-        text(remote, greedy("hi"))
-    with pytest.raises(Unavailable):
-        remote.adapter_state()
-
-
-def test_a_worker_that_cannot_load_the_model_says_why(
-    tiny_gpt2: Path, tmp_path: Path, registry: AdapterRegistry
-) -> None:
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_gpt2, broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    engine = RemoteEngine(config=engine_config(broken, tmp_path), registry=registry)
-    with pytest.raises(Exception, match=r"safetensors|header|deserializ") as e:
-        engine.load()
-    assert not isinstance(e.value, AssertionError)
-    assert not engine.ready
-    engine.stop()

@@ -6,23 +6,31 @@ take a place in the batch."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable
+import queue
+import shutil
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from tuneserve.config import ServerConfig
-from tuneserve.errors import InvalidArgument, NotFound, Unavailable
+from tuneserve.data.rows import resolve_under_roots
+from tuneserve.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tuneserve.inference.adapters import (
     AdapterCache,
     check_servable,
+    read_lora_config,
 )
 from tuneserve.inference.classifier import Classifier
-from tuneserve.inference.imports import import_adapter
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.inference.params import (
+    GenerationChunk,
     GenerationRequest,
     SamplingParams,
     resolve_params,
@@ -32,8 +40,8 @@ from tuneserve.inference.scheduler import (
     Request,
     Scheduler,
     SchedulerStats,
+    Sink,
 )
-from tuneserve.inference.streams import ChunkStreams, Sink
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
     load_model,
@@ -57,9 +65,8 @@ class AdapterState:
     evictions: int
 
 
-class Engine(ChunkStreams):
-    """Thread-safe: every public method may be called from any thread. `generate` and
-    `generate_async` come from ChunkStreams."""
+class Engine:
+    """Thread-safe: every public method may be called from any thread."""
 
     def __init__(
         self,
@@ -67,13 +74,8 @@ class Engine(ChunkStreams):
         config: ServerConfig,
         registry: AdapterRegistry,
         observer: GenerationObserver | None = None,
-        after_step: Callable[[], None] | None = None,
     ) -> None:
-        """`after_step` runs on the decode thread after each pass of its loop, once the
-        pass's chunks are put (the inference worker sends them to the server there)."""
-        super().__init__()
         self._config = config
-        self._after_step = after_step
         self._observer = observer
         self._registry = registry
         self.device = resolve_device(config.device)
@@ -82,6 +84,9 @@ class Engine(ChunkStreams):
         self._scheduler: Scheduler | None = None
         self._adapters: AdapterCache | None = None
         self._max_positions = 0
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+            weakref.WeakKeyDictionary()
+        )
         self._classifier = Classifier(
             base_model=config.base_model,
             registry=registry,
@@ -121,7 +126,6 @@ class Engine(ChunkStreams):
             max_batch_size=self._config.max_batch_size,
             max_queue=self._config.max_queued_requests,
             observer=self._observer,
-            after_step=self._after_pass,
         )
         scheduler.start()
         self.tokenizer, self._scheduler = tokenizer, scheduler
@@ -134,7 +138,55 @@ class Engine(ChunkStreams):
         if self._scheduler is not None:
             self._scheduler.stop()
 
-    def submit(self, request: GenerationRequest, out: Sink) -> Request:
+    def generate(
+        self, request: GenerationRequest, *, is_cancelled: Callable[[], bool]
+    ) -> Iterator[GenerationChunk]:
+        """Chunks of new text as they are produced; the last carries the finish reason."""
+        out: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+        pending = self._submit(request, out)
+        try:
+            while True:
+                try:
+                    item = out.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if is_cancelled():
+                        pending.cancelled.set()  # it leaves the batch at the next step
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, error = _coalesce(item, out.get_nowait, queue.Empty)
+                yield chunk
+                if error is not None:
+                    raise error
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            pending.cancelled.set()  # the consumer stopped early: free the slot
+
+    async def generate_async(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """`generate` for an event loop: the decode thread hands each chunk straight to the
+        loop (no thread per request); cancelling the consumer frees the request's slot."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:  # only this loop's thread gets here for this loop
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+        pending = self._submit(request, _LoopSink(mailbox, out))
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, error = _coalesce(item, out.get_nowait, asyncio.QueueEmpty)
+                yield chunk
+                if error is not None:
+                    raise error
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            pending.cancelled.set()
+
+    def _submit(self, request: GenerationRequest, out: Sink) -> Request:
         """Check the request on the caller's thread, then queue it for the decode loop."""
         if self._scheduler is None or self.tokenizer is None:
             raise Unavailable("the model is still loading")
@@ -185,16 +237,47 @@ class Engine(ChunkStreams):
         return self.adapter_state()
 
     def import_adapter(self, path: str, adapter_id: str) -> AdapterInfo:
-        """Register a user's PEFT LoRA adapter directory (inference/imports.py)."""
-        return import_adapter(
-            self._config, self._registry, path, adapter_id, check_fits=self.check_fits
+        """Register a PEFT LoRA adapter directory from an import root, once it is shown to
+        fit the base model. Only safetensors weights are read (never pickles)."""
+        check_adapter_id(adapter_id)
+        if self._registry.exists(adapter_id):
+            raise AlreadyExists(f"adapter {adapter_id!r} already exists", field="adapter_id")
+        source = resolve_under_roots(
+            path,
+            self._config.adapter_import_roots,
+            field="path",
+            what="adapter",
+            flag="--adapter-import-roots",
+            directory=True,
         )
-
-    def check_fits(self, adapter_id: str, source: str) -> None:
-        """The very check a load makes (lora_files.read_lora), on the thread that owns the
-        model: an adapter that passes is one Generate can load."""
+        config = read_lora_config(source)
+        weights = source / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise InvalidArgument(
+                "path: no adapter_model.safetensors there (pickled .bin weights are refused)",
+                field="path",
+            )
         adapters = self._require_adapters()
-        self._call(lambda: read_lora(adapter_id, Path(source), adapters.model, field="path"))
+        # The very check a load makes (lora_files.read_lora), on the thread that owns the
+        # model: an adapter registered here is one Generate can load.
+        self._call(lambda: read_lora(adapter_id, source, adapters.model, field="path"))
+        staging = self._registry.staging_dir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(source / name, staging / name)
+        targets = config.get("target_modules") or ()
+        info = AdapterInfo(
+            id=adapter_id,
+            base_model=self._config.base_model,
+            r=int(config["r"]),
+            alpha=float(config.get("lora_alpha", config["r"])),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
+            source_job_id="",
+            final_loss=0.0,
+            steps=0,
+            trained_tokens=0,
+        )
+        return self._registry.register(staging, info)
 
     def drop_adapter(self, adapter_id: str) -> None:
         """Forget an adapter that was deleted or replaced on disk (one in use is unloaded
@@ -215,11 +298,6 @@ class Engine(ChunkStreams):
         return self._classifier.classify(adapter_id, texts, self.tokenizer)
 
     # --- internals
-
-    def _after_pass(self) -> None:
-        self._wake_loops()
-        if self._after_step is not None:
-            self._after_step()
 
     def _require_adapters(self) -> AdapterCache:
         if self._adapters is None:
@@ -247,3 +325,62 @@ class Engine(ChunkStreams):
                 field="parameters.max_new_tokens",
             )
         return ids
+
+
+def _coalesce(
+    first: GenerationChunk,
+    get_nowait: Callable[[], GenerationChunk | BaseException],
+    empty: type[Exception],
+) -> tuple[GenerationChunk, BaseException | None]:
+    """Merge the chunks already waiting into one: a caller that fell behind gets one message
+    per wake-up instead of one per token. Returns an error that came after them, if any."""
+    texts, last = [first.text], first
+    while last.finish_reason is None:
+        try:
+            item = get_nowait()
+        except empty:
+            break
+        if isinstance(item, BaseException):
+            return dataclasses.replace(last, text="".join(texts)), item
+        texts.append(item.text)
+        last = item
+    return dataclasses.replace(last, text="".join(texts)), None
+
+
+class _LoopSink:
+    """Puts from the decode thread onto an asyncio queue, through the loop's mailbox."""
+
+    def __init__(
+        self, mailbox: _Mailbox, out: asyncio.Queue[GenerationChunk | BaseException]
+    ) -> None:
+        self._mailbox, self._out = mailbox, out
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        self._mailbox.post(self._out, item)
+
+
+class _Mailbox:
+    """Hands items from the decode thread to one event loop's queues, waking the loop once
+    for everything posted before it gets round to them (one wake-up per decoding step for
+    all the rows, not one per row: each wake-up is a write to the loop's self-pipe, and
+    the decode thread spent several percent of its time in them).
+
+    Thread-safe: `post` from any thread; delivery runs on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def post(self, out: asyncio.Queue[Any], item: Any) -> None:
+        with self._lock:
+            self._items.append((out, item))
+            wake = len(self._items) == 1  # the first since the last delivery
+        if wake:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for out, item in items:
+            out.put_nowait(item)

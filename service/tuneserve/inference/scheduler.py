@@ -46,12 +46,15 @@ from tuneserve.inference.adapters import AdapterCache
 from tuneserve.inference.batch import DecodeBatch
 from tuneserve.inference.detokenize import IncrementalDecoder
 from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams
-from tuneserve.inference.streams import Sink
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 IDLE_WAIT_S = 0.05
+
+
+class Sink(Protocol):
+    def put(self, item: GenerationChunk | BaseException) -> None: ...
 
 
 def _new_queue() -> queue.SimpleQueue[GenerationChunk | BaseException]:
@@ -105,10 +108,6 @@ class Request:
     holds_adapter: bool = False
     finished: bool = False  # its last chunk or error was put on `out`
 
-    def cancel(self) -> None:
-        """Take it out of the batch at the next step (from any thread)."""
-        self.cancelled.set()
-
 
 @dataclass
 class SchedulerStats:
@@ -129,12 +128,8 @@ class Scheduler:
         max_batch_size: int,
         max_queue: int,
         observer: GenerationObserver | None = None,
-        after_step: Callable[[], None] | None = None,
     ) -> None:
         self._adapters = adapters
-        # Called on this thread after admission and after each step: the chunks they put
-        # are handed on there in one go (one wake-up of an event loop, one pipe message).
-        self._after_step = after_step
         self._tokenizer = tokenizer
         self._device = device
         self._max_batch = max_batch_size
@@ -193,7 +188,6 @@ class Scheduler:
                 self._admit()
             except Exception:  # never let one request end the loop that serves them all
                 log.exception("scheduler error")
-            self._hand_over()
             if not self._batch:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
@@ -207,15 +201,6 @@ class Scheduler:
                 self._batch = DecodeBatch()
             self.stats.running = len(self._batch)
             self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if self._after_step is None:
-            return
-        try:
-            self._after_step()
-        except Exception:
-            log.exception("handing chunks on failed")
 
     def _run_commands(self) -> None:
         while True:
