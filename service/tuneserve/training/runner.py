@@ -1,10 +1,10 @@
 """The job worker's trainer: loads a fresh copy of the base model for each job, so training
 never touches the weights the inference engine is serving from.
 
-Sharing policy (for now): the trainer holds its own copy of the base model while a job runs
-and frees it after. That doubles base-model memory during training but keeps inference
-answering without locks between the two; holding the base weights once and time-slicing
-the device between the trainer and the decoder is the next step (issue 4)."""
+Sharing policy: the trainer holds its own copy of the base model while a job runs and frees
+it after. That doubles base-model memory during training but keeps inference answering
+without locks between the two; the device is time-sliced between them by coserving.py,
+which also says what holding the base weights once would cost."""
 
 from __future__ import annotations
 
