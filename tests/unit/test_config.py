@@ -106,6 +106,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "--dtype", "int4",
         "--max-job-attempts", "0",
         "--log-format", "xml",
+        "--stream-interval-ms", "-5",
         "--dataset-roots", str(tmp_path / "missing"),
     ]  # fmt: skip
     with pytest.raises(InvalidArguments) as info:
@@ -117,6 +118,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "dtype",
         "max_job_attempts",
         "log_format",
+        "stream_interval_ms",
         "dataset_roots",
     }
     # The summary message names each problem too.

@@ -11,11 +11,9 @@ import dataclasses
 import logging
 import queue
 import shutil
-import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -29,6 +27,7 @@ from tuneserve.inference.adapters import (
 )
 from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.lora_files import read_lora
+from tuneserve.inference.mailbox import LoopSink, Mailbox
 from tuneserve.inference.params import (
     GenerationChunk,
     GenerationRequest,
@@ -84,7 +83,7 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._adapters: AdapterCache | None = None
         self._max_positions = 0
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = (
             weakref.WeakKeyDictionary()
         )
         self._classifier = Classifier(
@@ -170,8 +169,10 @@ class Engine:
         out: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:  # only this loop's thread gets here for this loop
-            mailbox = self._mailboxes[loop] = _Mailbox(loop)
-        pending = self._submit(request, _LoopSink(mailbox, out))
+            mailbox = self._mailboxes[loop] = Mailbox(
+                loop, interval_s=self._config.stream_interval_ms / 1000
+            )
+        pending = self._submit(request, LoopSink(mailbox, out))
         try:
             while True:
                 item = await out.get()
@@ -345,42 +346,3 @@ def _coalesce(
         texts.append(item.text)
         last = item
     return dataclasses.replace(last, text="".join(texts)), None
-
-
-class _LoopSink:
-    """Puts from the decode thread onto an asyncio queue, through the loop's mailbox."""
-
-    def __init__(
-        self, mailbox: _Mailbox, out: asyncio.Queue[GenerationChunk | BaseException]
-    ) -> None:
-        self._mailbox, self._out = mailbox, out
-
-    def put(self, item: GenerationChunk | BaseException) -> None:
-        self._mailbox.post(self._out, item)
-
-
-class _Mailbox:
-    """Hands items from the decode thread to one event loop's queues, waking the loop once
-    for everything posted before it gets round to them (one wake-up per decoding step for
-    all the rows, not one per row: each wake-up is a write to the loop's self-pipe, and
-    the decode thread spent several percent of its time in them).
-
-    Thread-safe: `post` from any thread; delivery runs on the loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
-
-    def post(self, out: asyncio.Queue[Any], item: Any) -> None:
-        with self._lock:
-            self._items.append((out, item))
-            wake = len(self._items) == 1  # the first since the last delivery
-        if wake:
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for out, item in items:
-            out.put_nowait(item)
