@@ -103,6 +103,15 @@ from tuneserve_client.v1 import tuneserve_pb2 as pb
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_CONTENDERS = ("service", "seed", "ideal")
 POINT_CONTENDERS = ("service", "ideal")  # run back to back at each concurrency
+# What a streaming user sees, compared between paced and per-token messages.
+STREAM_FIELDS = (
+    "ttft_p50_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "message_gap_p50_ms",
+    "message_gap_p99_ms",
+    "tokens_per_message",
+)
 # The issue's goals for generation.
 GOAL_OVER_SEED = 5.0
 GOAL_OVER_IDEAL = 0.7
@@ -304,6 +313,9 @@ class Context:
 
     settings: Settings
     service: ServiceProcess  # the service under test, in its own process
+    # The same service streaming a message per token (stream_interval_ms 0), to show what
+    # pacing the messages buys: measured at the goal concurrency only.
+    per_token: ServiceProcess
     config: ServerConfig  # the service's configuration, for the in-process engine too
     local_adapters: Path  # the in-process engine's adapter directory (it serves none)
     tokenizer: Tokenizer
@@ -351,6 +363,8 @@ class Timing:
     finished: float
     tokens: int
     gaps: list[float]  # one per token after the first chunk: chunk gap / tokens it holds
+    messages: int  # chunks that brought tokens
+    message_gaps: list[float]  # between those chunks: how often the user's text moves
 
 
 def stream(client: TuneserveClient, job: Job, max_new_tokens: int) -> Timing:
@@ -358,7 +372,7 @@ def stream(client: TuneserveClient, job: Job, max_new_tokens: int) -> Timing:
     (text is only released once it is final), so its gap is shared among its tokens."""
     started = time.perf_counter()
     first: float | None = None
-    last_time, last_count, gaps = started, 0, []
+    last_time, last_count, gaps, message_gaps, messages = started, 0, [], [], 0
     for chunk in client.generate_stream(
         job.prompt, adapter_id=job.adapter_id, greedy=True, max_new_tokens=max_new_tokens
     ):
@@ -370,9 +384,11 @@ def stream(client: TuneserveClient, job: Job, max_new_tokens: int) -> Timing:
             first = now
         else:
             gaps += [(now - last_time) / new] * new
-        last_time, last_count = now, chunk.generated_tokens
+            message_gaps.append(now - last_time)
+        last_time, last_count, messages = now, chunk.generated_tokens, messages + 1
     finished = time.perf_counter()
-    return Timing(started, first if first is not None else finished, finished, last_count, gaps)
+    first = first if first is not None else finished
+    return Timing(started, first, finished, last_count, gaps, messages, message_gaps)
 
 
 @dataclass
@@ -397,6 +413,8 @@ class Load:
         ttft = [t.first - t.started for t in self.timings]
         itl = [g for t in self.timings for g in t.gaps]
         e2e = [t.finished - t.started for t in self.timings]
+        message_gaps = [g for t in self.timings for g in t.message_gaps]
+        messages = sum(t.messages for t in self.timings)
         return {
             "requests": len(self.timings),
             "tokens": self.tokens,
@@ -406,6 +424,9 @@ class Load:
             "ttft_p99_ms": _ms(percentile(ttft, 99)),
             "itl_p50_ms": _ms(percentile(itl, 50)),
             "itl_p99_ms": _ms(percentile(itl, 99)),
+            "message_gap_p50_ms": _ms(percentile(message_gaps, 50)),
+            "message_gap_p99_ms": _ms(percentile(message_gaps, 99)),
+            "tokens_per_message": self.tokens / messages if messages else None,
             "latency_p50_ms": _ms(percentile(e2e, 50)),
             "latency_p99_ms": _ms(percentile(e2e, 99)),
             "client_cpu_cores": self.client_cpu_s / self.seconds,
@@ -455,6 +476,13 @@ def run_service(ctx: Context, clients: int) -> dict[str, Any]:
     """`clients` closed-loop clients over gRPC, base model."""
     return run_clients(
         ctx.service.target, plan(ctx, clients), ctx.settings.max_new_tokens
+    ).summary()
+
+
+def run_per_token(ctx: Context, clients: int) -> dict[str, Any]:
+    """`run_service` against the service that streams a message per token."""
+    return run_clients(
+        ctx.per_token.target, plan(ctx, clients), ctx.settings.max_new_tokens
     ).summary()
 
 
@@ -769,7 +797,8 @@ def warm_up(ctx: Context) -> None:
     growth, kernel selection, the first connections) land on none of them."""
     s = ctx.settings
     clients = min(4, max(s.concurrency))
-    run_clients(ctx.service.target, plan(ctx, clients), s.max_new_tokens)
+    for service in (ctx.service, ctx.per_token):
+        run_clients(service.target, plan(ctx, clients), s.max_new_tokens)
     enc = ctx.tokenizer(ctx.prompts[0], return_tensors="pt").to(ctx.device)
     with torch.inference_mode():
         ctx.reference.generate(  # type: ignore[operator]
@@ -808,8 +837,11 @@ def _paired(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str) 
     return median([ratio(x.get(key), y.get(key)) for x, y in zip(a, b, strict=True)])
 
 
-def summarise(s: Settings, runs: dict[str, list[Any]]) -> dict[str, Any]:
-    """Medians over repeats of every figure, medians of the per-repeat ratios, the goals."""
+def summarise(
+    s: Settings, runs: dict[str, list[Any]], *, stream_interval_ms: float | None = None
+) -> dict[str, Any]:
+    """Medians over repeats of every figure, medians of the per-repeat ratios, the goals.
+    `stream_interval_ms`: the service's message pacing, recorded with the streaming figures."""
     levels = [str(c) for c in s.concurrency]
     service = {c: _median_fields([r[c] for r in runs["service"]]) for c in levels}
     ideal = {c: _median_fields([r[c] for r in runs["ideal"]]) for c in levels}
@@ -873,6 +905,15 @@ def summarise(s: Settings, runs: dict[str, list[Any]]) -> dict[str, Any]:
         "train_ratio": _median_of(co, "train_ratio"),
     }
     g = str(s.goal_concurrency)
+    streaming = {
+        "clients": s.goal_concurrency,
+        "stream_interval_ms": stream_interval_ms,
+        "paced_tokens_per_s": service_tps.get(g),
+        "per_token_tokens_per_s": _median_of(runs["per_token"], "tokens_per_s"),
+        "paced_over_per_token": _paired(per_level[g], runs["per_token"], "tokens_per_s"),
+        "paced": {k: service[g][k] for k in STREAM_FIELDS},
+        "per_token": {k: _median_of(runs["per_token"], k) for k in STREAM_FIELDS},
+    }
     goals = {
         f"service_over_seed_at_{g}": goal(ratios["service_over_seed"].get(g), GOAL_OVER_SEED, ">="),
         f"service_over_ideal_at_{g}": goal(
@@ -899,6 +940,7 @@ def summarise(s: Settings, runs: dict[str, list[Any]]) -> dict[str, Any]:
         "adapters": adapters,
         "grpc_overhead": overhead,
         "co_serving": co_serving,
+        "streaming": streaming,
         "goals": goals,
         "all_goals_met": all(x["met"] for x in goals.values()),
     }
@@ -925,9 +967,17 @@ def table(report: dict[str, Any]) -> str:
             f"{fmt(report['bench_cpu_cores'][c], '5.2f')}"
         )
     a, o, co = report["adapters"], report["grpc_overhead"], report["co_serving"]
+    st = report["streaming"]
     lines += [
         "",
         f"seed way (model.generate per request, in sequence): {fmt(tps['seed'], '.0f')} tok/s",
+        f"{st['clients']} clients, messages paced every {fmt(st['stream_interval_ms'], 'g')} ms: "
+        f"{fmt(st['paced_tokens_per_s'], '.0f')} tok/s, "
+        f"{fmt(st['paced']['tokens_per_message'], '.1f')} tokens and "
+        f"{fmt(st['paced']['message_gap_p50_ms'], '.1f')} ms apart per message (p50); "
+        f"a message per token: {fmt(st['per_token_tokens_per_s'], '.0f')} tok/s, "
+        f"{fmt(st['per_token']['message_gap_p50_ms'], '.1f')} ms apart; paced/per-token "
+        f"{fmt(st['paced_over_per_token'], '.2f')}",
         f"{a['clients']} clients, one adapter each: {fmt(a['mixed_tokens_per_s'], '.0f')} tok/s; "
         f"all on one adapter: {fmt(a['same_tokens_per_s'], '.0f')} tok/s; "
         f"mixed/same {fmt(a['mixed_over_same'], '.2f')}; one adapter/base "
@@ -1023,7 +1073,7 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
     within minutes."""
     s = ctx.settings
     runs: dict[str, list[Any]] = {name: [] for name in BASE_CONTENDERS}
-    runs |= {"grpc_overhead": [], "mixed": [], "same": [], "co_serving": []}
+    runs |= {"grpc_overhead": [], "mixed": [], "same": [], "co_serving": [], "per_token": []}
     warm_up(ctx)
     for repeat in range(repeats):
         tag = f"[{repeat + 1}/{repeats}]"
@@ -1043,6 +1093,15 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
                 f"{fmt(service['bench_cpu_cores'], '.2f')}, other load "
                 f"{fmt(service['other_cpu_cores'], '.2f')} cores"
             )
+            if c == s.goal_concurrency:  # right after the paced service, for a paired ratio
+                runs["per_token"].append(
+                    with_contention(run_per_token, ctx, c, watched=ctx.per_token)
+                )
+                _release(ctx.device)
+                _log(
+                    f"{tag} {c:>3} clients, a message per token: "
+                    f"{runs['per_token'][-1]['tokens_per_s']:6.0f} tok/s"
+                )
         if not seed_first:
             runs["seed"].append(with_contention(run_seed, ctx))
         runs["service"].append(points["service"])
@@ -1079,12 +1138,17 @@ def measure(ctx: Context, repeats: int) -> dict[str, list[Any]]:
     return runs
 
 
-def with_contention(fn: Callable[..., dict[str, Any]], ctx: Context, *args: Any) -> dict[str, Any]:
+def with_contention(
+    fn: Callable[..., dict[str, Any]],
+    ctx: Context,
+    *args: Any,
+    watched: ServiceProcess | None = None,
+) -> dict[str, Any]:
     """`fn(ctx, *args)`'s result, with the cores used meanwhile by the service's process
-    ("server_cpu_cores": all its threads, training included), by this process
-    ("bench_cpu_cores": the clients and their channels, or the seed way's or the ideal's
-    own compute) and by every other process ("other_cpu_cores")."""
-    before = cpu_snapshot([ctx.service.pid])
+    (`watched`, ctx.service unless given; "server_cpu_cores": all its threads, training
+    included), by this process ("bench_cpu_cores": the clients and their channels, or the
+    seed way's or the ideal's own compute) and by every other process ("other_cpu_cores")."""
+    before = cpu_snapshot([(watched or ctx.service).pid])
     result = fn(ctx, *args)
     usage = before.usage() if before is not None else None
     result["server_cpu_cores"] = usage.watched if usage is not None else None
@@ -1120,13 +1184,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(config.device)  # as the service resolves them
         dtype = resolve_dtype(config.dtype, device)
         service = ServiceProcess(config, threads=threads)
+        per_token: ServiceProcess | None = None
         try:
-            _log(f"service: pid {service.pid} on {service.target}, {threads} torch threads")
+            per_token_config = dataclasses.replace(
+                config, stream_interval_ms=0.0, data_dir=work / "data-per-token"
+            ).validate()
+            per_token = ServiceProcess(per_token_config, threads=threads)
+            _log(
+                f"service: pid {service.pid} on {service.target}, {threads} torch threads; "
+                f"per-token streaming: pid {per_token.pid} on {per_token.target}"
+            )
             reference = load_model(str(model_dir), device=device, dtype=dtype).eval()
             train_mix = LengthMix(short=s.train_tokens, long_fraction=0.0)
             ctx = Context(
                 settings=s,
                 service=service,
+                per_token=per_token,
                 config=config,
                 local_adapters=work / "local-adapters",
                 tokenizer=tokenizer,
@@ -1145,13 +1218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = measure(ctx, args.repeats)
         finally:
             service.stop()
+            if per_token is not None:
+                per_token.stop()
         server_settings = {
             **_server_settings(config),
             "process": "own (tuneserve serve)",
             "torch_threads": threads,
         }
 
-    report = summarise(s, runs)
+    report = summarise(s, runs, stream_interval_ms=config.stream_interval_ms)
     results = {
         "benchmark": "generate",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1199,7 +1274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _server_settings(config: ServerConfig) -> dict[str, Any]:
     """The server settings the figures depend on; co-serving ones where this version of
     the service has them."""
-    names = ("max_batch_size", "max_loaded_adapters", "max_queued_requests", "training_yield_s")
+    names = (
+        "max_batch_size",
+        "max_loaded_adapters",
+        "max_queued_requests",
+        "training_yield_s",
+        "stream_interval_ms",
+    )
     return {name: getattr(config, name) for name in names if hasattr(config, name)}
 
 
