@@ -93,6 +93,7 @@ from bench.common import (
 )
 from tuneserve.config import ENV_PREFIX, ServerConfig
 from tuneserve.inference.engine import Engine
+from tuneserve.inference.kv_cache import growing_cache
 from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model, resolve_device, resolve_dtype
@@ -526,7 +527,8 @@ def run_seed(ctx: Context) -> dict[str, Any]:
 @torch.inference_mode()
 def ideal_batch(ctx: Context, batch: list[list[int]]) -> int:
     """Prefill the left-padded batch in one forward, then one forward per step for every
-    row with the KV cache and an argmax: the bare loop. Runs all `max_new_tokens` steps and
+    row with the KV cache (the one the service uses, written in place) and an argmax: the
+    bare loop. Runs all `max_new_tokens` steps and
     counts the tokens before each row's end-of-sequence."""
     model, device, tok = ctx.reference, ctx.device, ctx.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -542,6 +544,7 @@ def ideal_batch(ctx: Context, batch: list[list[int]]) -> int:
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
+        past_key_values=growing_cache(model.config),  # the service's cache, for a fair bar
         use_cache=True,
         logits_to_keep=1,
     )

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from tests.support import greedy_reference
 from tuneserve.inference.batch import DecodeBatch
+from tuneserve.inference.kv_cache import growing_cache
 from tuneserve.models import load_model
 from tuneserve.tiny_models import build_tiny_model
 
@@ -43,8 +44,10 @@ class Row:
 
 @torch.inference_mode()
 def join(model: PreTrainedModel, batch: DecodeBatch[Row], row: Row) -> None:
-    """Prefill a row on its own and merge it into the batch, as the scheduler does."""
-    out = model(input_ids=torch.tensor([row.ids]), use_cache=True)
+    """Prefill a row on its own and merge it into the batch, as the scheduler does (into a
+    cache that grows in place; the reference, greedy_reference, concatenates)."""
+    cache = growing_cache(model.config)
+    out = model(input_ids=torch.tensor([row.ids]), past_key_values=cache, use_cache=True)
     row.tokens.append(int(out.logits[0, -1].argmax()))
     batch.add(
         [row], out.past_key_values, width=len(row.ids), pads=[0], next_tokens=[row.tokens[-1]]

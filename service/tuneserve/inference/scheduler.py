@@ -45,6 +45,7 @@ from tuneserve.errors import ResourceExhausted, TuneserveError
 from tuneserve.inference.adapters import AdapterCache
 from tuneserve.inference.batch import DecodeBatch
 from tuneserve.inference.detokenize import IncrementalDecoder
+from tuneserve.inference.kv_cache import growing_cache
 from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ class Scheduler:
             input_ids=ids.to(self._device),
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
+            past_key_values=growing_cache(self._adapters.model.config),
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits are sampled
             adapters=[r.adapter_id for r in requests],
