@@ -43,13 +43,18 @@ async def test_unpaced_delivers_everything_in_order() -> None:
     assert [item for item, _ in got] == list(range(50))
 
 
-async def test_chunks_between_first_and_last_wait_for_the_interval() -> None:
-    loop = asyncio.get_running_loop()
+async def started_stream() -> tuple[LoopSink, asyncio.Queue[Any], float]:
+    """A paced stream whose first chunk ("a") was just delivered, and when it arrived."""
     out: asyncio.Queue[Any] = asyncio.Queue()
-    sink = LoopSink(Mailbox(loop, interval_s=INTERVAL_S), out)
+    sink = LoopSink(Mailbox(asyncio.get_running_loop(), interval_s=INTERVAL_S), out)
     from_thread(lambda: sink.put(chunk("a")))
     [(first, first_at)] = await arrivals(out, 1)
     assert first.text == "a"
+    return sink, out, first_at
+
+
+async def test_chunks_between_first_and_last_wait_for_the_interval() -> None:
+    sink, out, first_at = await started_stream()
     from_thread(lambda: [sink.put(chunk(t)) for t in "bcd"])
     [(b, b_at)] = await arrivals(out, 1)
     # Held until the interval since the last delivery had passed, then given together.
@@ -73,11 +78,7 @@ async def test_the_first_chunk_and_the_last_go_at_once() -> None:
 
 
 async def test_an_error_goes_at_once_with_what_came_before_it() -> None:
-    loop = asyncio.get_running_loop()
-    out: asyncio.Queue[Any] = asyncio.Queue()
-    sink = LoopSink(Mailbox(loop, interval_s=INTERVAL_S), out)
-    from_thread(lambda: sink.put(chunk("a")))
-    [(_, first_at)] = await arrivals(out, 1)
+    sink, out, first_at = await started_stream()
     error = RuntimeError("step failed")
     from_thread(lambda: (sink.put(chunk("b")), sink.put(error)))
     got = await arrivals(out, 2)
