@@ -85,8 +85,9 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert streaming["stream_interval_ms"] == results["server"]["stream_interval_ms"] > 0
     assert streaming["paced_tokens_per_s"] > 0 and streaming["per_token_tokens_per_s"] > 0
     assert streaming["paced_over_per_token"] > 0
-    # A message per token: every message of a stream but the last carries one token.
-    assert 1.0 <= streaming["per_token"]["tokens_per_message"] < 2.0
+    # Either way a message brings at least one token (per token, a client that falls behind
+    # still gets what queued up in one message, so no upper bound holds on a busy machine).
+    assert streaming["per_token"]["tokens_per_message"] >= 1.0
     assert streaming["paced"]["tokens_per_message"] >= 1.0
     for name in ("service", "ideal", "seed", "mixed", "same", "co_serving", "per_token"):
         assert len(results["runs"][name]) == 1, name
