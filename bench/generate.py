@@ -50,6 +50,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import itertools
 import math
@@ -64,7 +65,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from transformers import PreTrainedModel
@@ -98,6 +99,7 @@ from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model, resolve_device, resolve_dtype
 from tuneserve.registry import AdapterRegistry
+from tuneserve.torch_threads import run_in_own_thread
 from tuneserve_client import FINAL_STATES, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 
@@ -178,6 +180,23 @@ QUICK = Settings(
     train_tokens=(16, 24),
     train_batch_size=4,
 )
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def own_thread(fn: Callable[P, T]) -> Callable[P, T]:
+    """`fn` on a thread of its own at every call, as the service runs its torch work beside
+    the decode loop (tuneserve.torch_threads): this process's torch work then leaves no
+    OpenMP team on a thread that lives on, and the in-process engine of `grpc_overhead`,
+    whose decode thread holds one, runs as it would in the service rather than throttled."""
+
+    @functools.wraps(fn)
+    def on_own_thread(*args: P.args, **kwargs: P.kwargs) -> T:
+        return run_in_own_thread(lambda: fn(*args, **kwargs), name=fn.__name__)
+
+    return on_own_thread
 
 
 # --- The server -----------------------------------------------------------------------------
@@ -495,6 +514,7 @@ def useful_tokens(generated: torch.Tensor, eos: int | None) -> int:
     return int((~ended).sum())
 
 
+@own_thread
 def run_seed(ctx: Context) -> dict[str, Any]:
     """The seed way: the prompts one after another, each tokenized and given to
     `model.generate` on its own, greedy."""
@@ -564,6 +584,7 @@ def ideal_batch(ctx: Context, batch: list[list[int]]) -> int:
     return useful_tokens(torch.cat(generated, dim=1), tok.eos_token_id)
 
 
+@own_thread
 def run_ideal(ctx: Context, batch_size: int) -> dict[str, Any]:
     """The same requests as the service's clients at this concurrency, in batches of that
     size; prompts are tokenized beforehand (the ideal has no request path)."""
@@ -596,9 +617,9 @@ def grpc_overhead(ctx: Context) -> dict[str, Any]:
     servicer and its thread hop. Each side is idle while the other is timed.
 
     The local engine lives only for this measurement, which runs after every run of the
-    seed way and the ideal: a loaded engine, even idle, slows torch in its process (the
-    seed way ran at ~0.6x with one loaded beside it, and not quite at full speed after it
-    stopped), and they run in this process."""
+    seed way and the ideal, which run in this process: the engine's decode thread holds an
+    OpenMP team while it lives, and with a second team beside it libgomp stops spin-waiting
+    (tuneserve.torch_threads; the seed way ran at ~0.6x with an engine loaded beside it)."""
     s = ctx.settings
     prompt = ctx.prompts[0]
     request = GenerationRequest(
@@ -802,6 +823,12 @@ def warm_up(ctx: Context) -> None:
     clients = min(4, max(s.concurrency))
     for service in (ctx.service, ctx.per_token):
         run_clients(service.target, plan(ctx, clients), s.max_new_tokens)
+    warm_reference(ctx, clients)
+
+
+@own_thread
+def warm_reference(ctx: Context, clients: int) -> None:
+    """The seed way's and the ideal's untimed pass."""
     enc = ctx.tokenizer(ctx.prompts[0], return_tensors="pt").to(ctx.device)
     with torch.inference_mode():
         ctx.reference.generate(  # type: ignore[operator]
@@ -1182,7 +1209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         work = Path(tmp)
-        model_dir, tokenizer, n_params = build_model_dir(work / "model", s.shape, seed=s.seed)
+        model_dir, tokenizer, n_params = own_thread(build_model_dir)(
+            work / "model", s.shape, seed=s.seed
+        )
         config = server_config(s, args, model_dir, work / "data")
         device = resolve_device(config.device)  # as the service resolves them
         dtype = resolve_dtype(config.dtype, device)
@@ -1197,7 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"service: pid {service.pid} on {service.target}, {threads} torch threads; "
                 f"per-token streaming: pid {per_token.pid} on {per_token.target}"
             )
-            reference = load_model(str(model_dir), device=device, dtype=dtype).eval()
+            reference = own_thread(load_model)(str(model_dir), device=device, dtype=dtype).eval()
             train_mix = LengthMix(short=s.train_tokens, long_fraction=0.0)
             ctx = Context(
                 settings=s,

@@ -3,6 +3,7 @@ import check (ImportAdapter refuses what a load would refuse)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,23 @@ from safetensors.torch import load_file, save_file
 
 from tuneserve.config import ServerConfig
 from tuneserve.errors import FailedPrecondition
+from tuneserve.inference import engine as engine_module
+from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.engine import Engine
 from tuneserve.registry import AdapterRegistry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_config(tiny_gpt2: Path, tmp_path: Path) -> ServerConfig:
+    return ServerConfig(
+        base_model=str(tiny_gpt2),
+        data_dir=tmp_path / "data",
+        device="cpu",
+        dtype="float32",
+        max_loaded_adapters=1,
+        adapter_import_roots=(tmp_path / "imports",),
+    )
 
 
 @pytest.fixture()
@@ -25,20 +39,42 @@ def engine(tiny_gpt2: Path, tmp_path: Path, add_adapter: Any) -> Iterator[Engine
     registry = AdapterRegistry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "p", seed=1)
     add_adapter(registry, tiny_gpt2, "q", seed=2)
-    config = ServerConfig(
-        base_model=str(tiny_gpt2),
-        data_dir=tmp_path / "data",
-        device="cpu",
-        dtype="float32",
-        max_loaded_adapters=1,
-        adapter_import_roots=(tmp_path / "imports",),
-    )
-    engine = Engine(config=config, registry=registry)
+    engine = Engine(config=make_config(tiny_gpt2, tmp_path), registry=registry)
     engine.load()
     try:
         yield engine
     finally:
         engine.stop()
+
+
+def test_loading_and_classifying_run_on_threads_that_end(
+    tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Torch work beside the decode loop leaves no OpenMP team on a long-lived thread
+    (tuneserve.torch_threads): the model loads, and classifies, on threads of their own."""
+    threads: list[threading.Thread] = []
+    real_load = engine_module.load_model
+
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real_load(*args, **kwargs)
+
+    def classify(self: Classifier, *args: Any) -> list[Any]:
+        threads.append(threading.current_thread())
+        return []
+
+    monkeypatch.setattr(engine_module, "load_model", load_model)
+    monkeypatch.setattr(Classifier, "classify", classify)
+    engine = Engine(
+        config=make_config(tiny_gpt2, tmp_path), registry=AdapterRegistry(tmp_path / "adapters")
+    )
+    engine.load()
+    try:
+        assert engine.classify("c", ["a text"]) == []
+    finally:
+        engine.stop()
+    assert [t.name for t in threads] == ["model-load", "classify"]
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_load_adapter_with_pin_loads_and_pins_it(engine: Engine) -> None:

@@ -56,6 +56,7 @@ class FakeTrainer:
     release: threading.Event = field(default_factory=threading.Event)
     calls: list[tuple[str, list[Row]]] = field(default_factory=list)
     more: list[dict[str, Any]] = field(default_factory=list)  # the other keyword arguments
+    threads: list[threading.Thread] = field(default_factory=list)  # where each call ran
 
     def __call__(
         self,
@@ -69,6 +70,7 @@ class FakeTrainer:
     ) -> FakeResult:
         self.calls.append((spec.adapter_id, list(rows)))
         self.more.append(more)
+        self.threads.append(threading.current_thread())
         if (checkpoints := more.get("checkpoint_dir")) is not None:  # as the real one does
             checkpoints.mkdir(parents=True, exist_ok=True)
             (checkpoints / "step-00000001").write_bytes(b"checkpoint")
@@ -178,6 +180,19 @@ def test_submitted_job_is_queued_then_succeeds_with_its_adapter(env: Env) -> Non
     # Finished state is in the store, not only in memory.
     stored = env.store.get(job.id)
     assert stored is not None and stored.state is JobState.SUCCEEDED
+
+
+def test_each_job_runs_on_a_thread_of_its_own_that_ends_with_it(env: Env) -> None:
+    # A long-lived thread that ran torch keeps an OpenMP team that slows decoding for good
+    # (tuneserve.torch_threads).
+    m = env.manager(start=True)
+    jobs = [m.submit(request(f"t{i}")) for i in range(2)]
+    for job in jobs:
+        wait_state(m, job.id, JobState.SUCCEEDED)
+    first, second = env.trainer.threads
+    assert first is not second
+    assert [t.name for t in env.trainer.threads] == [f"job-{j.id}" for j in jobs]
+    wait_until(lambda: not first.is_alive() and not second.is_alive())
 
 
 def test_adapter_id_defaults_from_the_job_id(env: Env) -> None:

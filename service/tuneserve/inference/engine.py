@@ -50,6 +50,7 @@ from tuneserve.models import (
     resolve_dtype,
 )
 from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ class Engine:
     def load(self) -> None:
         """Load the base model, start the scheduler, run one short generation to warm up."""
         tokenizer = load_tokenizer(self._config.base_model)
-        model = load_model(self._config.base_model, device=self.device, dtype=self.dtype)
+        model = run_in_own_thread(
+            lambda: load_model(self._config.base_model, device=self.device, dtype=self.dtype),
+            name="model-load",
+        )
         model.eval()
         self._max_positions = max_positions(model)
         self._adapters = AdapterCache(
@@ -296,7 +300,10 @@ class Engine:
         """Label scores for each text with a classification adapter."""
         if self.tokenizer is None:
             raise Unavailable("the model is still loading")
-        return self._classifier.classify(adapter_id, texts, self.tokenizer)
+        tokenizer = self.tokenizer
+        return run_in_own_thread(
+            lambda: self._classifier.classify(adapter_id, texts, tokenizer), name="classify"
+        )
 
     # --- internals
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import random
 import shutil
@@ -50,6 +51,7 @@ from tuneserve.jobs.model import (
 from tuneserve.jobs.store import JobStore, LossPoint
 from tuneserve.logs import job_id_var
 from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.torch_threads import run_in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +316,8 @@ class JobManager:
                 job.progress = Progress()
                 self._store.update(job)
                 self._running, self._cancel_running = job, False
-            self._run(job)
+            # A thread of its own, which ends with the job: see torch_threads.py.
+            run_in_own_thread(functools.partial(self._run, job), name=f"job-{job.id}")
 
     def _run(self, job: Job) -> None:
         job_id_var.set(job.id)
