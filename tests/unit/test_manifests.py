@@ -125,6 +125,14 @@ def test_one_pod_on_one_gpu_node(rendered: Rendered) -> None:
     assert image != "tuneserve" and not image.endswith(":latest") and ":" in image
 
 
+def test_torch_threads_follow_the_cpu_limit(rendered: Rendered) -> None:
+    env = {e["name"]: e for e in rendered.container["env"]}
+    field = env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert field["resource"] == "limits.cpu"
+    assert field["containerName"] == rendered.container["name"]
+    assert "cpu" in rendered.container["resources"]["limits"]
+
+
 def test_probes_call_grpc_health_on_the_plaintext_health_port(rendered: Rendered) -> None:
     health = port(rendered.settings["TUNESERVE_HEALTH_LISTEN"])
     ports = {p["name"]: p["containerPort"] for p in rendered.container["ports"]}
