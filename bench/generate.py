@@ -492,18 +492,18 @@ def run_clients(target: str, jobs: list[list[Job]], max_new_tokens: int) -> Load
 # --- Contenders -----------------------------------------------------------------------------
 
 
-def run_service(ctx: Context, clients: int) -> dict[str, Any]:
-    """`clients` closed-loop clients over gRPC, base model."""
-    return run_clients(
-        ctx.service.target, plan(ctx, clients), ctx.settings.max_new_tokens
-    ).summary()
+def run_service(
+    ctx: Context, clients: int, service: ServiceProcess | None = None
+) -> dict[str, Any]:
+    """`clients` closed-loop clients over gRPC, base model, against `service` (the one
+    under test unless given)."""
+    target = (service or ctx.service).target
+    return run_clients(target, plan(ctx, clients), ctx.settings.max_new_tokens).summary()
 
 
 def run_per_token(ctx: Context, clients: int) -> dict[str, Any]:
     """`run_service` against the service that streams a message per token."""
-    return run_clients(
-        ctx.per_token.target, plan(ctx, clients), ctx.settings.max_new_tokens
-    ).summary()
+    return run_service(ctx, clients, ctx.per_token)
 
 
 def useful_tokens(generated: torch.Tensor, eos: int | None) -> int:
