@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +21,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# Each architecture with each attention implementation the batch hands a ready 4D mask to.
+@pytest.fixture(scope="module", params=["gpt2-sdpa", "gpt2-eager", "llama-sdpa", "llama-eager"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    architecture, attention = request.param.split("-")
     path = build_tiny_model(
-        tmp_path_factory.mktemp("tiny") / request.param, architecture=request.param
+        tmp_path_factory.mktemp("tiny") / architecture, architecture=architecture
     )
     model = load_model(str(path), device=CPU, dtype=torch.float32)
+    model.set_attn_implementation(attention)
     model.eval()
     return model
+
+
+def new_batch(model: PreTrainedModel, attention: str | None = None) -> DecodeBatch[Row]:
+    return DecodeBatch(attention=attention or model.config._attn_implementation, dtype=model.dtype)
 
 
 def prompt(length: int, offset: int) -> list[int]:
@@ -85,7 +93,7 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(model: PreTrainedModel
     a = Row(prompt(7, 0), budget=14)
     b = Row(prompt(3, 1), budget=5)  # shorter than the batch: it is padded on the left
     c = Row(prompt(16, 2), budget=6)  # longer than the batch: the others are padded
-    batch: DecodeBatch[Row] = DecodeBatch()
+    batch = new_batch(model)
     finished: list[Row] = []
 
     join(model, batch, a)
@@ -121,7 +129,7 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(model: PreTrainedModel
 def test_removing_every_row_resets_the_cache_and_the_batch_starts_afresh(
     model: PreTrainedModel,
 ) -> None:
-    batch: DecodeBatch[Row] = DecodeBatch()
+    batch = new_batch(model)
     first, second = Row(prompt(9, 3), budget=4), Row(prompt(5, 4), budget=4)
     join(model, batch, first)
     join(model, batch, second)
@@ -140,7 +148,7 @@ def test_removing_every_row_resets_the_cache_and_the_batch_starts_afresh(
 
 
 def test_removing_no_rows_changes_nothing(model: PreTrainedModel) -> None:
-    batch: DecodeBatch[Row] = DecodeBatch()
+    batch = new_batch(model)
     short, long = Row(prompt(2, 6), budget=99), Row(prompt(6, 7), budget=99)
     join(model, batch, short)
     join(model, batch, long)
@@ -153,7 +161,7 @@ def test_removing_no_rows_changes_nothing(model: PreTrainedModel) -> None:
 
 
 def test_padding_of_the_rows_that_stay_is_kept_when_not_shared(model: PreTrainedModel) -> None:
-    batch: DecodeBatch[Row] = DecodeBatch()
+    batch = new_batch(model)
     rows = [Row(prompt(3, 8), budget=6), Row(prompt(8, 9), budget=2), Row(prompt(5, 10), budget=6)]
     for row in rows:
         join(model, batch, row)
@@ -167,3 +175,32 @@ def test_padding_of_the_rows_that_stay_is_kept_when_not_shared(model: PreTrained
         step(model, batch)
     for row in rows:
         assert row.tokens == greedy_reference(model, row.ids, row.budget)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["4d", "2d-fallback"])
+def test_the_ready_mask_gives_the_logits_of_the_padding_mask(
+    model: PreTrainedModel, fallback: bool
+) -> None:
+    """The ready-made 4D mask in the model's form (or, for an implementation without one,
+    the 2D mask) against the 2D padding mask transformers turns into its own, over several
+    steps, a join (the mask is rebuilt) and a leave (rebuilt again, shorter)."""
+    batch = new_batch(model, "flash_attention_2" if fallback else None)
+    rows = [Row(prompt(3, 11), budget=99), Row(prompt(9, 12), budget=99)]
+    join(model, batch, rows[0])
+    for stage in range(5):
+        if stage == 2:
+            join(model, batch, rows[1])
+        if stage == 4:
+            batch.remove({0})
+        inputs = batch.inputs(CPU)
+        mask = inputs["attention_mask"]
+        assert mask.dim() == (2 if fallback else 4)
+        padding = torch.tensor(
+            [[0] * s.pad + [1] * (batch.length + 1 - s.pad) for s in batch.slots]
+        )
+        with torch.inference_mode():
+            cache = copy.deepcopy(inputs["past_key_values"])
+            theirs = model(**{**inputs, "attention_mask": padding, "past_key_values": cache})
+            ours = model(**inputs).logits
+        torch.testing.assert_close(ours, theirs.logits)
+        batch.advanced([int(t) for t in ours[:, -1].argmax(-1)])

@@ -7,6 +7,14 @@ finish are dropped with an index select, and padding that every row shares is tr
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
 
+A decoding step's inputs are built from tensors kept between steps, not from the rows: the
+position ids grow by one per step, and the attention mask is handed to the model ready
+made, in the 4D form its attention implementation takes (sdpa: a boolean mask, eager: an
+additive float one), so transformers skips building it from a 2D padding mask every step
+(on a 2-core CPU, 6-9% of a 16-row step of the benchmark's model). The mask is kept with
+spare columns, every column after a row's padding open, so a step only slices it; it is
+rebuilt when rows join or leave. Other implementations (flash attention) get the 2D mask.
+
 Not thread-safe: the scheduler's thread owns it."""
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 T = TypeVar("T")
+MASK_ROOM = 32  # spare mask columns kept beyond the cache's length
 
 
 @dataclass
@@ -32,10 +41,16 @@ class Slot(Generic[T]):
 
 
 class DecodeBatch(Generic[T]):
-    def __init__(self) -> None:
+    def __init__(self, attention: str = "sdpa", dtype: torch.dtype = torch.float32) -> None:
+        """`attention`: the model's attention implementation (config._attn_implementation);
+        `dtype`: its compute dtype (an eager mask is added to the attention scores)."""
         self.cache: DynamicCache | None = None
         self.slots: list[Slot[T]] = []
         self.length = 0  # cache positions per row, padding included
+        self._attention, self._dtype = attention, dtype
+        # Kept between steps, dropped whenever rows join or leave:
+        self._mask: torch.Tensor | None = None  # [rows, 1, 1, columns >= length + 1]
+        self._positions: torch.Tensor | None = None  # [rows, 1]
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -55,6 +70,7 @@ class DecodeBatch(Generic[T]):
             Slot(owner=o, pad=p, next_token=t, position=width - p)
             for o, p, t in zip(owners, pads, next_tokens, strict=True)
         ]
+        self._changed()
         if self.cache is None or not self.slots:
             self.cache, self.length, self.slots = cache, width, slots
             return
@@ -80,12 +96,12 @@ class DecodeBatch(Generic[T]):
 
     def inputs(self, device: torch.device) -> dict[str, Any]:
         """Model inputs for one decoding step of every row."""
-        pads = torch.tensor([s.pad for s in self.slots], device=device)
-        mask = (torch.arange(self.length + 1, device=device)[None, :] >= pads[:, None]).long()
+        if self._positions is None:
+            self._positions = torch.tensor([[s.position] for s in self.slots], device=device)
         return {
             "input_ids": torch.tensor([[s.next_token] for s in self.slots], device=device),
-            "position_ids": torch.tensor([[s.position] for s in self.slots], device=device),
-            "attention_mask": mask,
+            "position_ids": self._positions,
+            "attention_mask": self._attention_mask(device),
             "past_key_values": self.cache,
             "use_cache": True,
         }
@@ -96,11 +112,34 @@ class DecodeBatch(Generic[T]):
         for s, token in zip(self.slots, next_tokens, strict=True):
             s.next_token = token
             s.position += 1
+        if self._positions is not None:
+            self._positions = self._positions + 1
+
+    def _attention_mask(self, device: torch.device) -> torch.Tensor:
+        """Every row sees its cache from its padding on, and the token it feeds."""
+        columns = self.length + 1
+        if self._mask is None or self._mask.shape[-1] < columns:
+            pads = torch.tensor([s.pad for s in self.slots], device=device)
+            width = columns + MASK_ROOM
+            visible = torch.arange(width, device=device)[None, :] >= pads[:, None]
+            if self._attention == "sdpa":  # True where a row attends
+                self._mask = visible[:, None, None, :]
+            elif self._attention == "eager":  # added to the scores: 0 or the dtype's minimum
+                closed = torch.finfo(self._dtype).min
+                mask = torch.zeros(visible.shape, dtype=self._dtype, device=device)
+                self._mask = mask.masked_fill_(~visible, closed)[:, None, None, :]
+            else:  # transformers builds what it needs from the 2D padding mask
+                self._mask = visible.long()
+        return self._mask[..., :columns]
+
+    def _changed(self) -> None:
+        self._mask = self._positions = None
 
     def remove(self, done: set[int]) -> None:
         """Drop the rows at these indices and trim padding that every remaining row has."""
         if not done:
             return
+        self._changed()
         keep = [i for i in range(len(self.slots)) if i not in done]
         self.slots = [self.slots[i] for i in keep]
         if not self.slots:

@@ -145,7 +145,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._batch: DecodeBatch[Request] = DecodeBatch()
+        self._batch = self._new_batch()
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
 
@@ -180,6 +180,10 @@ class Scheduler:
         self._wake.set()
         return future.result(timeout=300)
 
+    def _new_batch(self) -> DecodeBatch[Request]:
+        model = self._adapters.model
+        return DecodeBatch(attention=model.config._attn_implementation, dtype=model.dtype)
+
     # --- the loop
 
     def _run(self) -> None:
@@ -199,7 +203,7 @@ class Scheduler:
                 log.exception("decoding step failed")
                 for slot in self._batch.slots:
                     self._end(slot.owner, error=e)
-                self._batch = DecodeBatch()
+                self._batch = self._new_batch()
             self.stats.running = len(self._batch)
             self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
 
