@@ -3,6 +3,8 @@ written in place while there is room."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, PreTrainedConfig
@@ -62,3 +64,121 @@ def test_cache_for_a_model_replaces_its_full_attention_layers(config: PreTrained
     cache = growing_cache(config)
     assert len(cache.layers) == 3
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
+
+
+class Reference:
+    """The same operations on plain tensors: concatenation, index select, slicing."""
+
+    def __init__(self) -> None:
+        self.keys = torch.zeros(0)
+        self.values = torch.zeros(0)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keys.numel() == 0:
+            self.keys, self.values = k, v
+        else:
+            self.keys = torch.cat([self.keys, k], dim=-2)
+            self.values = torch.cat([self.values, v], dim=-2)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.keys, self.values = self.keys[keep], self.values[keep]
+
+    def drop_front(self, n: int) -> None:
+        self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+
+    def append_rows(self, k: torch.Tensor, v: torch.Tensor, pad_mine: int, pad_theirs: int) -> None:
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+        self.keys = torch.cat([pad(self.keys, pad_mine), pad(k, pad_theirs)])
+        self.values = torch.cat([pad(self.values, pad_mine), pad(v, pad_theirs)])
+
+
+def assert_same(layer: GrowingLayer, ref: Reference) -> None:
+    assert layer.keys is not None and layer.values is not None
+    assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+    assert layer.get_seq_length() == ref.keys.shape[-2]
+
+
+def test_rows_leave_and_join_in_place_as_the_reference_does() -> None:
+    layer, ref = GrowingLayer(), Reference()
+    for target in (layer, ref):
+        target.update(*states(5, 20, seed=0))
+    buffers = layer._buffers()
+    layer.keep_rows([0, 2, 4])  # rows 1 and 3 leave: rows 2 and 4 move up
+    ref.keep_rows([0, 2, 4])
+    assert_same(layer, ref)
+    layer.drop_front(5)
+    ref.drop_front(5)
+    assert_same(layer, ref)
+    k, v = states(1, 9, seed=1)  # a shorter row joins, padded to the batch's 15 positions
+    layer.append_rows(k, v, pad_mine=0, pad_theirs=6)
+    ref.append_rows(k, v, 0, 6)
+    assert_same(layer, ref)
+    k, v = states(1, 18, seed=2)  # a longer row: the others get 3 positions in front,
+    layer.append_rows(k, v, pad_mine=3, pad_theirs=0)  # in room the drop left there
+    ref.append_rows(k, v, 3, 0)
+    assert_same(layer, ref)
+    for i in range(3):
+        step = states(5, 1, seed=3 + i)
+        layer.update(*step)
+        ref.update(*step)
+        assert_same(layer, ref)
+    # All of it in the buffers of the first update: no copy of the whole cache.
+    assert layer._buffers()[0].data_ptr() == buffers[0].data_ptr()
+
+
+def test_random_joins_leaves_and_steps_match_the_reference() -> None:
+    """Buffers replaced when the room runs out (rows, positions, or room in front) keep
+    every row's keys and values, and padding is zeros wherever it came from."""
+    rng = random.Random(0)
+    layer, ref = GrowingLayer(), Reference()
+    first = states(2, 5, seed=0)
+    layer.update(*first)
+    ref.update(*first)
+    replaced = 0
+    for i in range(300):
+        buffer = layer._buffers()[0].data_ptr()
+        rows, length = ref.keys.shape[0], ref.keys.shape[-2]
+        op = rng.random()
+        if op < 0.5 or rows == 1:
+            step = states(rows, 1, seed=1000 + i)
+            layer.update(*step)
+            ref.update(*step)
+        elif op < 0.75:
+            keep = sorted(rng.sample(range(rows), rng.randint(1, rows - 1)))
+            layer.keep_rows(keep)
+            ref.keep_rows(keep)
+            shared = rng.randint(0, ref.keys.shape[-2] - 1)
+            layer.drop_front(shared)
+            ref.drop_front(shared)
+        else:
+            width = rng.randint(1, length + 12)
+            k, v = states(rng.randint(1, 4), width, seed=2000 + i)
+            total = max(length, width)
+            layer.append_rows(k, v, pad_mine=total - length, pad_theirs=total - width)
+            ref.append_rows(k, v, total - length, total - width)
+        assert_same(layer, ref)
+        replaced += layer._buffers()[0].data_ptr() != buffer
+    assert 0 < replaced < 60  # new buffers now and then, not at every change
+
+
+def test_transformers_own_row_selection_is_taken_up() -> None:
+    """DynamicLayer's batch_select_indices puts a new tensor in the layer's place: the
+    next operation copies it into buffers of the layer's own."""
+    layer, ref = GrowingLayer(), Reference()
+    layer.update(*states(3, 4, seed=0))
+    ref.update(*states(3, 4, seed=0))
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    ref.keep_rows([0, 2])
+    k, v = states(1, 2, seed=1)
+    layer.append_rows(k, v, pad_mine=0, pad_theirs=2)
+    ref.append_rows(k, v, 0, 2)
+    assert_same(layer, ref)
+
+
+def test_new_keys_for_the_wrong_number_of_rows_are_refused() -> None:
+    layer = GrowingLayer()
+    layer.update(*states(3, 4, seed=0))
+    with pytest.raises(ValueError, match="2 rows of new keys for a cache of 3 rows"):
+        layer.update(*states(2, 1, seed=1))

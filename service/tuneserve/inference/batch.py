@@ -1,9 +1,12 @@
 """The running batch of a continuous-batching decoder: one KV cache for every row in flight.
 
 Rows are left-padded to a common length. Rows that join are prefilled together (one
-forward over their left-padded prompts) and their cache is merged in with one concatenation
-per layer (the shorter side gets zero padding on the left, masked out); rows that
-finish are dropped with an index select, and padding that every row shares is trimmed.
+forward over their left-padded prompts) and their cache is merged in (the shorter side gets
+zero padding on the left, masked out); rows that finish are dropped, and padding that every
+row shares is trimmed. On the cache's GrowingLayers (inference/kv_cache.py) all of that
+happens in place, in the layers' spare room: a join copies the newcomers' keys and values,
+a leave moves the rows behind the gap, and neither copies the whole cache; other layers
+are concatenated and index-selected.
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
 
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from transformers import DynamicCache
+
+from tuneserve.inference.kv_cache import GrowingLayer
 
 T = TypeVar("T")
 MASK_ROOM = 32  # spare mask columns kept beyond the cache's length
@@ -55,6 +60,7 @@ class DecodeBatch(Generic[T]):
     def __len__(self) -> int:
         return len(self.slots)
 
+    @torch.inference_mode()
     def add(
         self,
         owners: Sequence[T],
@@ -75,17 +81,17 @@ class DecodeBatch(Generic[T]):
             self.cache, self.length, self.slots = cache, width, slots
             return
         total = max(self.length, width)
-        layers: list[Any] = list(self.cache.layers)  # DynamicLayer: .keys/.values [B, H, T, D]
-        theirs_layers: list[Any] = list(cache.layers)
-        for mine, theirs in zip(layers, theirs_layers, strict=True):
-            mine.keys = torch.cat(
-                [_left_pad(mine.keys, total - self.length), _left_pad(theirs.keys, total - width)]
-            )
+        pad_mine, pad_theirs = total - self.length, total - width
+        # Layers with keys and values [rows, heads, positions, dim]: DynamicLayer and kin.
+        layers: list[Any] = list(self.cache.layers)
+        for mine, theirs in zip(layers, cache.layers, strict=True):
+            keys, values = cast(Any, theirs).keys, cast(Any, theirs).values
+            if isinstance(mine, GrowingLayer):  # in place, into its spare room
+                mine.append_rows(keys, values, pad_mine=pad_mine, pad_theirs=pad_theirs)
+                continue
+            mine.keys = torch.cat([_left_pad(mine.keys, pad_mine), _left_pad(keys, pad_theirs)])
             mine.values = torch.cat(
-                [
-                    _left_pad(mine.values, total - self.length),
-                    _left_pad(theirs.values, total - width),
-                ]
+                [_left_pad(mine.values, pad_mine), _left_pad(values, pad_theirs)]
             )
         for s in self.slots:
             s.pad += total - self.length
@@ -135,6 +141,7 @@ class DecodeBatch(Generic[T]):
     def _changed(self) -> None:
         self._mask = self._positions = None
 
+    @torch.inference_mode()
     def remove(self, done: set[int]) -> None:
         """Drop the rows at these indices and trim padding that every remaining row has."""
         if not done:
@@ -146,10 +153,16 @@ class DecodeBatch(Generic[T]):
             self.cache, self.length = None, 0
             return
         assert self.cache is not None
-        layers: list[Any] = list(self.cache.layers)
-        index = torch.tensor(keep, device=layers[0].keys.device)
         shared = min(s.pad for s in self.slots)
+        index: torch.Tensor | None = None
+        layers: list[Any] = list(self.cache.layers)
         for layer in layers:
+            if isinstance(layer, GrowingLayer):  # in place: only rows behind a gap move
+                layer.keep_rows(keep)
+                layer.drop_front(shared)
+                continue
+            if index is None:
+                index = torch.tensor(keep, device=layer.keys.device)
             layer.keys = layer.keys.index_select(0, index)[:, :, shared:]
             layer.values = layer.values.index_select(0, index)[:, :, shared:]
         for s in self.slots:

@@ -1,16 +1,31 @@
-"""A KV cache that grows in place: transformers' DynamicLayer concatenates each step's keys
-and values onto the layer's cache, a copy of the whole cache per layer per step (on a 2-core
-CPU, about a tenth of a 16-row decoding step of the benchmark's model; on a GPU, memory
-traffic that grows with every token). `GrowingLayer` keeps spare room after the cached
-positions and writes new ones into it, copying only when the room runs out (then to 1.5x
-what is needed, so copies become rarer as the cache grows) or when the batch replaced its
-tensors (rows joined or left: inference/batch.py).
+"""A KV cache that grows in place, and that rows join and leave in place.
 
-The cached keys and values it returns are views of the larger buffer: strided in the
-position dimension, contiguous in the last, as attention kernels take them."""
+transformers' DynamicLayer concatenates each step's keys and values onto the layer's cache:
+a copy of the whole cache per layer per step (on a 2-core CPU, about a tenth of a 16-row
+decoding step of the benchmark's model; on a GPU, memory traffic that grows with every
+token). `GrowingLayer` keeps its positions in buffers with spare room, rows and columns,
+and writes new ones into that room:
+
+- a step's keys and values go after the cached positions (`update`);
+- rows that finished leave (`keep_rows`): the rows after the first one to go move up, the
+  others stay where they are;
+- padding that every row has is forgotten by moving the window's start (`drop_front`);
+- rows prefilled together join after the others (`append_rows`), left-padded with zeros
+  to the batch's length; when they are longer, the other rows get the zero padding in
+  front, in room left there by earlier `drop_front`s.
+
+Buffers are replaced (the cached positions copied to the front of new ones, 1.5 times as
+large as needed) only when the room runs out, or when the layer's tensors were replaced by
+someone else (transformers' own cache operations). Every column a row's attention can see
+holds its keys and values or zeros, never uninitialised memory (masked positions still
+enter the attention arithmetic: 0 times NaN is NaN).
+
+The cached keys and values it returns are views of the buffers: strided in the row and
+position dimensions, contiguous in the last, as attention kernels take them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,49 +38,132 @@ MIN_ROOM = 16  # positions of spare room at the least
 class GrowingLayer(DynamicLayer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values buffers
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # [rows, heads, cols, dim]
+        self._start = 0  # the buffer column of the first cached position
+        self._view: torch.Tensor | None = None  # the keys this layer last handed out
+
+    @property
+    def rows(self) -> int:
+        keys = self.keys
+        return 0 if keys is None or keys.dim() < 4 else int(keys.shape[0])
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        cached = self.get_seq_length()
+        cached, rows = self.get_seq_length(), key_states.shape[0]
+        if cached and rows != self.rows:
+            raise ValueError(f"{rows} rows of new keys for a cache of {self.rows} rows")
         need = cached + key_states.shape[-2]
+        self._reserve(rows, need, like=(key_states, value_states))
+        keys, values = self._buffers()
+        end = self._start + cached
+        keys[:rows, :, end : self._start + need] = key_states
+        values[:rows, :, end : self._start + need] = value_states
+        return self._show(rows, need)
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Keep the rows at these indices (ascending), in that order, and drop the rest."""
+        self._adopt()
+        length = self.get_seq_length()
+        moved = next((j for j, i in enumerate(keep) if i != j), len(keep))
+        if moved < len(keep):
+            index = torch.tensor(keep[moved:], device=self._buffers()[0].device)
+            window = slice(self._start, self._start + length)
+            for buffer in self._buffers():
+                buffer[moved : len(keep), :, window] = buffer[:, :, window].index_select(0, index)
+        self._show(len(keep), length)
+
+    def drop_front(self, positions: int) -> None:
+        """Forget the first `positions` cached positions of every row."""
+        self._adopt()
+        length = self.get_seq_length()
+        self._start += positions
+        self._show(self.rows, length - positions)
+
+    def append_rows(
+        self, keys: torch.Tensor, values: torch.Tensor, *, pad_mine: int, pad_theirs: int
+    ) -> None:
+        """Add rows after the current ones: theirs get `pad_theirs` positions of padding in
+        front, the current rows `pad_mine` (one of the two is 0: the longer side's length
+        is the new length)."""
+        self._adopt()
+        rows, length = self.rows, self.get_seq_length()
+        total = length + pad_mine
+        if keys.shape[-2] + pad_theirs != total:
+            raise ValueError(f"rows of {keys.shape[-2]} + {pad_theirs} positions for {total}")
+        self._reserve(rows + keys.shape[0], length, like=(keys, values), front=pad_mine)
+        self._start -= pad_mine
+        start, end = self._start, self._start + total
+        for buffer, new in zip(self._buffers(), (keys, values), strict=True):
+            buffer[:rows, :, start : start + pad_mine] = 0
+            buffer[rows : rows + new.shape[0], :, start : start + pad_theirs] = 0
+            buffer[rows : rows + new.shape[0], :, start + pad_theirs : end] = new
+        self._show(rows + keys.shape[0], total)
+
+    # --- internals
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._room is not None
+        return self._room
+
+    def _backed(self) -> bool:
+        """Whether the cached keys are still this layer's view of its buffers (someone may
+        have put other tensors in their place)."""
+        return self._room is not None and self.keys is self._view
+
+    def _adopt(self) -> None:
+        """Take tensors put in the layer's place into buffers of its own."""
+        if not self._backed():
+            keys, values = self.keys, self.values
+            if keys is None or values is None or keys.dim() < 4:
+                raise ValueError("the layer holds no cached positions yet")
+            self._reserve(self.rows, self.get_seq_length(), like=(keys, values))
+
+    def _reserve(
+        self,
+        rows: int,
+        columns: int,
+        *,
+        like: tuple[torch.Tensor, torch.Tensor],
+        front: int = 0,
+    ) -> None:
+        """Room for `rows` rows of `columns` positions from the start, with `front`
+        columns free before the start; new buffers (the cached positions copied over)
+        when the current ones lack it."""
         room = self._room
-        if room is None or not self._backed_by(room[0]) or room[0].shape[-2] < need:
-            room = self._room = self._grow(key_states, value_states, cached, need)
-        keys, values = room
-        keys[:, :, cached:need] = key_states
-        values[:, :, cached:need] = value_states
-        self.keys, self.values = keys[:, :, :need], values[:, :, :need]
-        return self.keys, self.values
-
-    def _backed_by(self, buffer: torch.Tensor) -> bool:
-        """Whether the cached keys are still the front of `buffer` (the batch may have put
-        new tensors in their place)."""
-        keys = self.keys
-        if keys is None or keys.numel() == 0:
-            return False
-        return (
-            keys.data_ptr() == buffer.data_ptr()
-            and keys.shape[:2] == buffer.shape[:2]
-            and keys.stride() == buffer.stride()
-        )
-
-    def _grow(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, cached: int, need: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        capacity = max(need + need // 2, need + MIN_ROOM)
+        if (
+            self._backed()
+            and room is not None
+            and rows <= room[0].shape[0]
+            and front <= self._start
+            and self._start + columns <= room[0].shape[-2]
+        ):
+            return
+        cached = self.get_seq_length() if self.is_initialized else 0
+        old_rows = self.rows if cached else 0
+        have_rows = room[0].shape[0] if room is not None and self._backed() else 0
+        new_rows = have_rows if rows <= have_rows else max(rows, have_rows + have_rows // 2)
+        capacity = front + max(columns + columns // 2, columns + MIN_ROOM)
         buffers = []
-        for old, new in ((self.keys, key_states), (self.values, value_states)):
-            shape = (new.shape[0], new.shape[1], capacity, new.shape[3])
-            buffer = new.new_empty(shape)
+        for old, new in zip((self.keys, self.values), like, strict=True):
+            buffer = new.new_empty((new_rows, new.shape[1], capacity, new.shape[3]))
             if cached:
                 assert old is not None
-                buffer[:, :, :cached] = old
+                buffer[:old_rows, :, front : front + cached] = old
             buffers.append(buffer)
-        return buffers[0], buffers[1]
+        self._room = (buffers[0], buffers[1])
+        self._start = front
+        self._show(old_rows, cached)
+
+    def _show(self, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point keys and values at `rows` rows of `length` positions from the start."""
+        keys, values = self._buffers()
+        window = slice(self._start, self._start + length)
+        self.keys, self.values = keys[:rows, :, window], values[:rows, :, window]
+        self._view = self.keys
+        return self.keys, self.values
 
 
 def growing_cache(config: PreTrainedConfig) -> DynamicCache:
