@@ -5,7 +5,7 @@ forward over their left-padded prompts) and their cache is merged in (the shorte
 zero padding on the left, masked out); rows that finish are dropped, and padding that every
 row shares is trimmed. On the cache's GrowingLayers (inference/kv_cache.py) all of that
 happens in place, in the layers' spare room: a join copies the newcomers' keys and values,
-a leave moves the rows behind the gap, and neither copies the whole cache; other layers
+a leave moves one row from the tail into each gap, and neither copies the whole cache; other layers
 are concatenated and index-selected.
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
@@ -147,8 +147,12 @@ class DecodeBatch(Generic[T]):
         if not done:
             return
         self._changed()
-        keep = [i for i in range(len(self.slots)) if i not in done]
-        self.slots = [self.slots[i] for i in keep]
+        # The rows that stay, each gap filled from the tail: in the cache's GrowingLayers
+        # only the rows moved into gaps are copied.
+        stay = len(self.slots) - len(done)
+        tail = [i for i in range(stay, len(self.slots)) if i not in done]
+        order = [tail.pop() if i in done else i for i in range(stay)]
+        self.slots = [self.slots[i] for i in order]
         if not self.slots:
             self.cache, self.length = None, 0
             return
@@ -157,12 +161,11 @@ class DecodeBatch(Generic[T]):
         index: torch.Tensor | None = None
         layers: list[Any] = list(self.cache.layers)
         for layer in layers:
-            if isinstance(layer, GrowingLayer):  # in place: only rows behind a gap move
-                layer.keep_rows(keep)
-                layer.drop_front(shared)
+            if isinstance(layer, GrowingLayer):
+                layer.keep_rows(order, drop_front=shared)
                 continue
             if index is None:
-                index = torch.tensor(keep, device=layer.keys.device)
+                index = torch.tensor(order, device=layer.keys.device)
             layer.keys = layer.keys.index_select(0, index)[:, :, shared:]
             layer.values = layer.values.index_select(0, index)[:, :, shared:]
         for s in self.slots:

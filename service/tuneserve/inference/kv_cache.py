@@ -7,12 +7,11 @@ token). `GrowingLayer` keeps its positions in buffers with spare room, rows and 
 and writes new ones into that room:
 
 - a step's keys and values go after the cached positions (`update`);
-- rows that finished leave (`keep_rows`): the rows after the first one to go move up, the
-  others stay where they are;
-- padding that every row has is forgotten by moving the window's start (`drop_front`);
+- rows that finished leave (`keep_rows`): only rows given a new place are copied, and
+  padding that every row has is forgotten by moving the window's start;
 - rows prefilled together join after the others (`append_rows`), left-padded with zeros
   to the batch's length; when they are longer, the other rows get the zero padding in
-  front, in room left there by earlier `drop_front`s.
+  front, in room that padding forgotten earlier left there.
 
 Buffers are replaced (the cached positions copied to the front of new ones, 1.5 times as
 large as needed) only when the room runs out, or when the layer's tensors were replaced by
@@ -63,24 +62,28 @@ class GrowingLayer(DynamicLayer):
         values[:rows, :, end : self._start + need] = value_states
         return self._show(rows, need)
 
-    def keep_rows(self, keep: Sequence[int]) -> None:
-        """Keep the rows at these indices (ascending), in that order, and drop the rest."""
+    def keep_rows(self, rows: Sequence[int], *, drop_front: int = 0) -> None:
+        """Keep the rows at these indices, in this order, and forget the first `drop_front`
+        positions of every row (padding they all have). Only the rows that change place
+        are copied: with the batch filling each gap from the tail, one row per row that
+        left."""
         self._adopt()
-        length = self.get_seq_length()
-        moved = next((j for j, i in enumerate(keep) if i != j), len(keep))
-        if moved < len(keep):
-            index = torch.tensor(keep[moved:], device=self._buffers()[0].device)
-            window = slice(self._start, self._start + length)
+        length = self.get_seq_length() - drop_front
+        self._start += drop_front
+        window = slice(self._start, self._start + length)
+        moves = [(to, source) for to, source in enumerate(rows) if to != source]
+        if moves and {to for to, _ in moves}.isdisjoint(source for _, source in moves):
+            for buffer in self._buffers():  # no row is written before it is read
+                for to, source in moves:
+                    buffer[to, :, window].copy_(buffer[source, :, window])
+        elif moves:  # rows trade places: read them all first
+            device = self._buffers()[0].device
+            targets = torch.tensor([to for to, _ in moves], device=device)
+            sources = torch.tensor([source for _, source in moves], device=device)
             for buffer in self._buffers():
-                buffer[moved : len(keep), :, window] = buffer[:, :, window].index_select(0, index)
-        self._show(len(keep), length)
-
-    def drop_front(self, positions: int) -> None:
-        """Forget the first `positions` cached positions of every row."""
-        self._adopt()
-        length = self.get_seq_length()
-        self._start += positions
-        self._show(self.rows, length - positions)
+                view = buffer[:, :, window]
+                view.index_copy_(0, targets, view.index_select(0, sources))
+        self._show(len(rows), length)
 
     def append_rows(
         self, keys: torch.Tensor, values: torch.Tensor, *, pad_mine: int, pad_theirs: int
