@@ -5,8 +5,8 @@ forward over their left-padded prompts) and their cache is merged in (the shorte
 zero padding on the left, masked out); rows that finish are dropped, and padding that every
 row shares is trimmed. On the cache's GrowingLayers (inference/kv_cache.py) all of that
 happens in place, in the layers' spare room: a join copies the newcomers' keys and values,
-a leave moves one row from the tail into each gap, and neither copies the whole cache; other layers
-are concatenated and index-selected.
+a leave moves one row from the tail into each gap, and neither copies the whole cache;
+other layers are concatenated and index-selected.
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
 
@@ -14,7 +14,7 @@ A decoding step's inputs are built from tensors kept between steps, not from the
 position ids grow by one per step, and the attention mask is handed to the model ready
 made, in the 4D form its attention implementation takes (sdpa: a boolean mask, eager: an
 additive float one), so transformers skips building it from a 2D padding mask every step
-(on a 2-core CPU, 6-9% of a 16-row step of the benchmark's model). The mask is kept with
+(on a 2-core CPU, 5-15% of a 16-row decoding forward of the benchmark's model). The mask is kept with
 spare columns, every column after a row's padding open, so a step only slices it; it is
 rebuilt when rows join or leave. Other implementations (flash attention) get the 2D mask.
 
