@@ -14,9 +14,10 @@ A decoding step's inputs are built from tensors kept between steps, not from the
 position ids grow by one per step, and the attention mask is handed to the model ready
 made, in the 4D form its attention implementation takes (sdpa: a boolean mask, eager: an
 additive float one), so transformers skips building it from a 2D padding mask every step
-(on a 2-core CPU, 5-15% of a 16-row decoding forward of the benchmark's model). The mask is kept with
-spare columns, every column after a row's padding open, so a step only slices it; it is
-rebuilt when rows join or leave. Other implementations (flash attention) get the 2D mask.
+(on a 2-core CPU, 5-15% of a 16-row decoding forward of the benchmark's model). The mask is
+kept with spare columns, every column after a row's padding open, so a step only slices
+it; it is rebuilt when rows join or leave. Other implementations (flash attention) get the
+2D mask.
 
 Not thread-safe: the scheduler's thread owns it."""
 

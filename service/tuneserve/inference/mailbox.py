@@ -36,7 +36,7 @@ class Mailbox:
     Deliveries are paced: at most one per `interval_s`, so that when steps are quick a
     stream gets one message for the tokens of several steps instead of one per token (each
     message costs the server and its client CPU time that the decoder would otherwise get:
-    on a 2-core CPU, 20 ms pacing gave 16 clients 1.27-1.35x the tokens/s in
+    on a 2-core CPU, 20 ms pacing gave 16 clients 1.22-1.35x the tokens/s in
     bench/generate).
     A delivery due after a quiet spell goes at once, and so does one a sink asks for `now`.
 
