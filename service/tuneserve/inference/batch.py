@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -85,8 +85,9 @@ class DecodeBatch(Generic[T]):
         pad_mine, pad_theirs = total - self.length, total - width
         # Layers with keys and values [rows, heads, positions, dim]: DynamicLayer and kin.
         layers: list[Any] = list(self.cache.layers)
-        for mine, theirs in zip(layers, cache.layers, strict=True):
-            keys, values = cast(Any, theirs).keys, cast(Any, theirs).values
+        theirs_layers: list[Any] = list(cache.layers)
+        for mine, theirs in zip(layers, theirs_layers, strict=True):
+            keys, values = theirs.keys, theirs.values
             if isinstance(mine, GrowingLayer):  # in place, into its spare room
                 mine.append_rows(keys, values, pad_mine=pad_mine, pad_theirs=pad_theirs)
                 continue
