@@ -3,6 +3,7 @@ written in place while there is room."""
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig, PreTrainedConfig
 from transformers.cache_utils import DynamicLayer
 
+from tuneserve.inference import kv_cache
 from tuneserve.inference.kv_cache import GrowingLayer, growing_cache
 
 
@@ -126,40 +128,58 @@ def test_rows_leave_and_join_in_place_as_the_reference_does() -> None:
     assert layer._buffers()[0].data_ptr() == buffers[0].data_ptr()
 
 
-def test_random_joins_leaves_and_steps_match_the_reference() -> None:
-    """Buffers replaced when the room runs out (rows, positions, or room in front) keep
-    every row's keys and values, and padding is zeros wherever it came from."""
+@pytest.mark.parametrize("limited", [False, True], ids=["unlimited", "limits-and-shrinking"])
+def test_random_joins_leaves_and_steps_match_the_reference(
+    limited: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buffers replaced when the room runs out (rows, positions, or room in front), or
+    shrunk when rows leave, keep every row's keys and values, and padding is zeros wherever
+    it came from."""
     rng = random.Random(0)
     layer, ref = GrowingLayer(), Reference()
+    if limited:  # growth capped below what the batch reaches; any buffer may shrink
+        monkeypatch.setattr(kv_cache, "MIN_SHRINK", 0)
+        layer = GrowingLayer(max_rows=6, max_positions=50)
     first = states(2, 5, seed=0)
     layer.update(*first)
     ref.update(*first)
-    replaced = kept = 0
+    replaced: collections.Counter[str] = collections.Counter()
     for i in range(300):
         buffer = layer._buffers()[0].data_ptr()
         rows, length = ref.keys.shape[0], ref.keys.shape[-2]
         op = rng.random()
         if op < 0.5:
+            kind = "step"
             step = states(rows, 1, seed=1000 + i)
             layer.update(*step)
             ref.update(*step)
         elif op < 0.75 and rows > 1:
+            kind = "leave"
             keep = rng.sample(range(rows), rng.randint(1, rows - 1))  # in any order
             shared = rng.randint(0, length - 1)
             layer.keep_rows(keep, drop_front=shared)
             ref.keep_rows(keep)
             ref.drop_front(shared)
         else:
+            kind = "join"
             width = rng.randint(1, length + 12)
             k, v = states(rng.randint(1, 4), width, seed=2000 + i)
             total = max(length, width)
             layer.append_rows(k, v, pad_mine=total - length, pad_theirs=total - width)
             ref.append_rows(k, v, total - length, total - width)
         assert_same(layer, ref)
-        replaced += layer._buffers()[0].data_ptr() != buffer
-        kept += op >= 0.5 and op < 0.75 and rows > 1
-    assert kept > 50
-    assert 0 < replaced < 60  # new buffers now and then, not at every change
+        rows_held, positions_held = room(layer)
+        fresh_rows, fresh_positions = layer._room_for(*ref.keys.shape[::2], 0)
+        assert rows_held * positions_held <= max(
+            kv_cache.SHRINK_AT * fresh_rows * fresh_positions, kv_cache.MIN_SHRINK
+        )
+        replaced[kind, layer._buffers()[0].data_ptr() != buffer] += 1
+    assert replaced["leave", False] + replaced["leave", True] > 50
+    # New buffers now and then, not at every change, and seldom at a step (the hot path).
+    assert 0 < sum(n for (_, new), n in replaced.items() if new) < (120 if limited else 60)
+    assert replaced["step", True] < 10
+    if limited:
+        assert replaced["leave", True] > 0  # rows that left gave their room back
 
 
 def test_transformers_own_row_selection_is_taken_up() -> None:
@@ -181,3 +201,63 @@ def test_new_keys_for_the_wrong_number_of_rows_are_refused() -> None:
     layer.update(*states(3, 4, seed=0))
     with pytest.raises(ValueError, match="2 rows of new keys for a cache of 3 rows"):
         layer.update(*states(2, 1, seed=1))
+
+
+def room(layer: GrowingLayer) -> tuple[int, int]:
+    """The buffers' rows and positions."""
+    keys = layer._buffers()[0]
+    return keys.shape[0], keys.shape[-2]
+
+
+def test_room_grown_ahead_of_need_stops_at_the_limits() -> None:
+    layer, ref = GrowingLayer(max_rows=5, max_positions=40), Reference()
+    for target in (layer, ref):
+        target.update(*states(4, 30, seed=0))
+    assert room(layer) == (4, 40)  # 30 + 15 positions wanted, 40 at most
+    k, v = states(1, 30, seed=1)
+    layer.append_rows(k, v, pad_mine=0, pad_theirs=0)
+    ref.append_rows(k, v, 0, 0)
+    assert room(layer) == (5, 40)  # 4 + 2 rows wanted, 5 at most
+    buffers = set()
+    for i in range(15):  # past the limit: room grows as it would without one
+        step = states(5, 1, seed=2 + i)
+        layer.update(*step)
+        ref.update(*step)
+        assert_same(layer, ref)
+        buffers.add(layer._buffers()[0].data_ptr())
+    assert room(layer) == (5, 61) and len(buffers) == 2  # not new buffers at each step
+    k, v = states(2, 45, seed=20)
+    layer.append_rows(k, v, pad_mine=0, pad_theirs=0)
+    ref.append_rows(k, v, 0, 0)
+    assert_same(layer, ref)
+    assert room(layer) == (7, 67)  # rows past the limit: new buffers, 45 + 22 positions
+
+
+def test_buffers_shrink_when_most_rows_have_left() -> None:
+    layer, ref = GrowingLayer(), Reference()
+    for target in (layer, ref):
+        target.update(*states(32, 200, seed=0))
+    assert room(layer) == (32, 300)
+    stay = [5, 1, 30, 7, 2, 3, 9, 12, 20, 21, 22, 23]  # buffers 4x what they use: kept
+    layer.keep_rows(stay, drop_front=0)
+    ref.keep_rows(stay)
+    assert_same(layer, ref)
+    assert room(layer) == (32, 300)
+    layer.keep_rows([6, 0, 3], drop_front=10)  # fewer: smaller buffers, the rest freed
+    ref.keep_rows([6, 0, 3])
+    ref.drop_front(10)
+    assert_same(layer, ref)
+    assert room(layer) == (4, 285)
+    step = states(3, 1, seed=1)
+    layer.update(*step)
+    ref.update(*step)
+    assert_same(layer, ref)
+
+
+def test_small_buffers_are_not_replaced_to_save_memory() -> None:
+    """Below MIN_SHRINK row-positions a copy would cost more than the memory it frees."""
+    layer = GrowingLayer()
+    layer.update(*states(16, 40, seed=0))
+    before = layer._buffers()[0].data_ptr()
+    layer.keep_rows([3], drop_front=0)
+    assert layer._buffers()[0].data_ptr() == before

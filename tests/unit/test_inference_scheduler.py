@@ -82,6 +82,7 @@ def make_scheduler(
         tokenizer: Any = tokenizer,
         registry: AdapterRegistry = registry,
         adapters: AdapterCache | None = None,
+        max_positions: int | None = None,
     ) -> Scheduler:
         scheduler = Scheduler(
             adapters=adapters or cache_for(tiny_gpt2, registry, capacity),
@@ -89,6 +90,7 @@ def make_scheduler(
             device=CPU,
             max_batch_size=max_batch_size,
             max_queue=max_queue,
+            max_positions=max_positions,
         )
         started.append(scheduler)
         scheduler.start()
@@ -269,6 +271,31 @@ def test_the_batch_never_holds_more_than_max_batch_size(
     assert scheduler.stats.peak_running == 2
     wait_until(lambda: not scheduler.busy)
     assert scheduler.stats.waiting == 0
+
+
+def test_the_kv_cache_grows_no_room_past_the_batch_size(
+    make_scheduler: Callable[..., Scheduler], tokenizer: Any
+) -> None:
+    """Four rows, then a fifth joins: without a limit the cache would make room for six
+    rows (half as much again)."""
+    scheduler = make_scheduler(max_batch_size=5, max_positions=300)
+
+    def room() -> set[tuple[int, int | None]]:
+        cache = scheduler._batch.cache
+        assert cache is not None
+        return {(layer._buffers()[0].shape[0], layer._max_positions) for layer in cache.layers}
+
+    requests = [request(tokenizer, p, max_new_tokens=200) for p in PROMPTS]
+    with paused(scheduler):
+        for req in requests[:4]:
+            scheduler.submit(req)
+    wait_until(lambda: scheduler.stats.running == 4)
+    scheduler.submit(requests[4])
+    wait_until(lambda: scheduler.stats.running == 5)
+    assert scheduler.call(room) == {(5, 300)}
+    for req in requests:
+        req.cancelled.set()
+    assert {result(r).last.finish_reason for r in requests} == {FinishReason.CANCELLED}
 
 
 def test_a_full_queue_refuses_with_a_retry_hint(

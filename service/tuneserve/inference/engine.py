@@ -128,6 +128,7 @@ class Engine:
             device=self.device,
             max_batch_size=self._config.max_batch_size,
             max_queue=self._config.max_queued_requests,
+            max_positions=self._config.max_prompt_tokens + self._config.max_new_tokens,
             observer=self._observer,
         )
         scheduler.start()

@@ -14,10 +14,15 @@ and writes new ones into that room:
   front, in room that padding forgotten earlier left there.
 
 Buffers are replaced (the cached positions copied to the front of new ones, 1.5 times as
-large as needed) only when the room runs out, or when the layer's tensors were replaced by
-someone else (transformers' own cache operations). Every column a row's attention can see
-holds its keys and values or zeros, never uninitialised memory (masked positions still
-enter the attention arithmetic: 0 times NaN is NaN).
+large as needed) only when the room runs out, when the layer's tensors were replaced by
+someone else (transformers' own cache operations), or when they are more than SHRINK_AT
+times the size new ones would be (rows left): memory that rows gave back is freed then,
+not held until the batch empties. Room grown ahead of need stops at `max_rows` rows and
+`max_positions` positions when they are given (the scheduler's batch size, and the longest
+prompt plus generation it accepts): spare room never exceeds what the largest batch uses.
+Every column a row's attention can see holds its keys and values or zeros, never
+uninitialised memory (masked positions still enter the attention arithmetic: 0 times NaN
+is NaN).
 
 The cached keys and values it returns are views of the buffers: strided in the row and
 position dimensions, contiguous in the last, as attention kernels take them."""
@@ -32,11 +37,18 @@ from transformers import DynamicCache, PreTrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 16  # positions of spare room at the least
+SHRINK_AT = 4  # buffers this many times the size new ones would have are replaced
+MIN_SHRINK = 4096  # ... when they hold more than this many row-positions
 
 
 class GrowingLayer(DynamicLayer):
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self, *, max_rows: int | None = None, max_positions: int | None = None, **kwargs: Any
+    ) -> None:
+        """`max_rows`, `max_positions`: the most room grown ahead of need (a join or a step
+        that needs more still gets it)."""
         super().__init__(**kwargs)
+        self._max_rows, self._max_positions = max_rows, max_positions
         self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # [rows, heads, cols, dim]
         self._start = 0  # the buffer column of the first cached position
         self._view: torch.Tensor | None = None  # the keys this layer last handed out
@@ -66,7 +78,8 @@ class GrowingLayer(DynamicLayer):
         """Keep the rows at these indices, in this order, and forget the first `drop_front`
         positions of every row (padding they all have). Only the rows that change place
         are copied: with the batch filling each gap from the tail, one row per row that
-        left."""
+        left. When the rows that stay use a small part of the buffers, they move to smaller
+        ones and the rest is freed."""
         self._adopt()
         length = self.get_seq_length() - drop_front
         self._start += drop_front
@@ -83,7 +96,8 @@ class GrowingLayer(DynamicLayer):
             for buffer in self._buffers():
                 view = buffer[:, :, window]
                 view.index_copy_(0, targets, view.index_select(0, sources))
-        self._show(len(rows), length)
+        kept = self._show(len(rows), length)
+        self._reserve(len(rows), length, like=kept)  # smaller buffers if many rows left
 
     def append_rows(
         self, keys: torch.Tensor, values: torch.Tensor, *, pad_mine: int, pad_theirs: int
@@ -134,21 +148,26 @@ class GrowingLayer(DynamicLayer):
     ) -> None:
         """Room for `rows` rows of `columns` positions from the start, with `front`
         columns free before the start; new buffers (the cached positions copied over)
-        when the current ones lack it."""
-        room = self._room
+        when the current ones lack it or are far larger than needed."""
+        room = self._room if self._backed() else None
+        have_rows = room[0].shape[0] if room is not None else 0
+        fresh_rows, capacity = self._room_for(rows, columns, front)
         if (
-            self._backed()
-            and room is not None
-            and rows <= room[0].shape[0]
+            room is not None
+            and rows <= have_rows
             and front <= self._start
             and self._start + columns <= room[0].shape[-2]
+            and not _too_big(have_rows * room[0].shape[-2], fresh_rows * capacity)
         ):
             return
         cached = self.get_seq_length() if self.is_initialized else 0
         old_rows = self.rows if cached else 0
-        have_rows = room[0].shape[0] if room is not None and self._backed() else 0
-        new_rows = have_rows if rows <= have_rows else max(rows, have_rows + have_rows // 2)
-        capacity = front + max(columns + columns // 2, columns + MIN_ROOM)
+        if rows <= have_rows:
+            new_rows = have_rows
+        else:
+            new_rows = _capped(max(rows, have_rows + have_rows // 2), rows, self._max_rows)
+        if _too_big(new_rows * capacity, fresh_rows * capacity):  # rows left: room back
+            new_rows = fresh_rows
         buffers = []
         for old, new in zip((self.keys, self.values), like, strict=True):
             buffer = new.new_empty((new_rows, new.shape[1], capacity, new.shape[3]))
@@ -160,6 +179,15 @@ class GrowingLayer(DynamicLayer):
         self._start = front
         self._show(old_rows, cached)
 
+    def _room_for(self, rows: int, columns: int, front: int) -> tuple[int, int]:
+        """Rows and positions of new buffers for `rows` rows of `columns` positions with
+        `front` free before them: half as much again, within the limits."""
+        want = front + max(columns + columns // 2, columns + MIN_ROOM)
+        return (
+            _capped(rows + rows // 2, rows, self._max_rows),
+            _capped(want, front + columns, self._max_positions),
+        )
+
     def _show(self, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Point keys and values at `rows` rows of `length` positions from the start."""
         keys, values = self._buffers()
@@ -169,11 +197,28 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def growing_cache(config: PreTrainedConfig) -> DynamicCache:
+def _too_big(held: int, fresh: int) -> bool:
+    """Whether buffers of `held` row-positions are worth replacing by `fresh` ones."""
+    return held > max(SHRINK_AT * fresh, MIN_SHRINK)
+
+
+def _capped(want: int, need: int, limit: int | None) -> int:
+    """`want` (at least `need`), no more than `limit` unless `need` is past it already: then
+    room grows as it would without one, rather than by the one position each step needs."""
+    return want if limit is None or need > limit else min(want, limit)
+
+
+def growing_cache(
+    config: PreTrainedConfig, *, max_rows: int | None = None, max_positions: int | None = None
+) -> DynamicCache:
     """The cache transformers would build for `config`, its plain full-attention layers
-    replaced by GrowingLayer (sliding-window and other special layers are left as they are)."""
+    replaced by GrowingLayer (sliding-window and other special layers are left as they are),
+    growing room ahead of need up to `max_rows` rows and `max_positions` positions."""
     cache = DynamicCache(config=config)
     cache.layers = [
-        GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
+        GrowingLayer(max_rows=max_rows, max_positions=max_positions)
+        if type(layer) is DynamicLayer
+        else layer
+        for layer in cache.layers
     ]
     return cache

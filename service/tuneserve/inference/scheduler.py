@@ -128,13 +128,17 @@ class Scheduler:
         device: torch.device,
         max_batch_size: int,
         max_queue: int,
+        max_positions: int | None = None,
         observer: GenerationObserver | None = None,
     ) -> None:
+        """`max_positions`: the longest a row gets, prompt and generation (the batch's KV
+        cache grows spare room up to it and `max_batch_size` rows, no further)."""
         self._adapters = adapters
         self._tokenizer = tokenizer
         self._device = device
         self._max_batch = max_batch_size
         self._max_queue = max_queue
+        self._max_positions = max_positions
         self._observer: GenerationObserver = observer or _NoObserver()
         self._eos = tokenizer.eos_token_id
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -281,7 +285,11 @@ class Scheduler:
             input_ids=ids.to(self._device),
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
-            past_key_values=growing_cache(self._adapters.model.config),
+            past_key_values=growing_cache(
+                self._adapters.model.config,
+                max_rows=self._max_batch,
+                max_positions=self._max_positions,
+            ),
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits are sampled
             adapters=[r.adapter_id for r in requests],
