@@ -8,11 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tests.support import greedy_reference
 from tuneserve.inference.batch import DecodeBatch
-from tuneserve.inference.kv_cache import growing_cache
+from tuneserve.inference.kv_cache import growing_cache, windowed_attention
 from tuneserve.models import load_model
 from tuneserve.tiny_models import build_tiny_model
 
@@ -21,21 +27,61 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 
 
-# Each architecture with each attention implementation the batch hands a ready 4D mask to.
-@pytest.fixture(scope="module", params=["gpt2-sdpa", "gpt2-eager", "llama-sdpa", "llama-eager"])
+WINDOW = 6  # shorter than most rows below: sliding layers see only part of the cache
+
+
+# Each architecture with each attention implementation the batch hands a ready 4D mask to,
+# and architectures with sliding-window layers (Mistral: every layer; Qwen2 here: one of two),
+# whose windows the steps' masks must keep once rows outgrow them.
+@pytest.fixture(
+    scope="module",
+    params=[
+        "gpt2-sdpa",
+        "gpt2-eager",
+        "llama-sdpa",
+        "llama-eager",
+        "mistral-sdpa",
+        "mistral-eager",
+        "qwen2-sdpa",
+    ],
+)
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     architecture, attention = request.param.split("-")
-    path = build_tiny_model(
-        tmp_path_factory.mktemp("tiny") / architecture, architecture=architecture
-    )
-    model = load_model(str(path), device=CPU, dtype=torch.float32)
+    if architecture in ("gpt2", "llama"):
+        path = build_tiny_model(
+            tmp_path_factory.mktemp("tiny") / architecture, architecture=architecture
+        )
+        model = load_model(str(path), device=CPU, dtype=torch.float32)
+    else:
+        model = windowed_model(architecture)
     model.set_attn_implementation(attention)
     model.eval()
     return model
 
 
+def windowed_model(architecture: str) -> PreTrainedModel:
+    shape: dict[str, Any] = dict(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=WINDOW,
+    )
+    torch.manual_seed(0)
+    if architecture == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape))
+    layer_types = ["sliding_attention", "full_attention"]
+    config = Qwen2Config(**shape, use_sliding_window=True, layer_types=layer_types)
+    return Qwen2ForCausalLM(config)
+
+
 def new_batch(model: PreTrainedModel, attention: str | None = None) -> DecodeBatch[Row]:
-    return DecodeBatch(attention=attention or model.config._attn_implementation, dtype=model.dtype)
+    if attention is None:
+        return DecodeBatch.for_model(model)
+    return DecodeBatch(attention=attention, dtype=model.dtype)
 
 
 def prompt(length: int, offset: int) -> list[int]:
@@ -181,9 +227,10 @@ def test_padding_of_the_rows_that_stay_is_kept_when_not_shared(model: PreTrained
 def test_the_ready_mask_gives_the_logits_of_the_padding_mask(
     model: PreTrainedModel, fallback: bool
 ) -> None:
-    """The ready-made 4D mask in the model's form (or, for an implementation without one,
-    the 2D mask) against the 2D padding mask transformers turns into its own, over several
-    steps, a join (the mask is rebuilt) and a leave (rebuilt again, shorter)."""
+    """The ready-made 4D mask in the model's form (or, for an implementation without one
+    and for models with sliding windows, the 2D mask) against the 2D padding mask
+    transformers turns into its own, over several steps, a join (the mask is rebuilt) and a
+    leave (rebuilt again, shorter)."""
     batch = new_batch(model, "flash_attention_2" if fallback else None)
     rows = [Row(prompt(3, 11), budget=99), Row(prompt(9, 12), budget=99)]
     join(model, batch, rows[0])
@@ -194,7 +241,7 @@ def test_the_ready_mask_gives_the_logits_of_the_padding_mask(
             batch.remove({0})
         inputs = batch.inputs(CPU)
         mask = inputs["attention_mask"]
-        assert mask.dim() == (2 if fallback else 4)
+        assert mask.dim() == (2 if fallback or windowed_attention(model.config) else 4)
         padding = torch.tensor(
             [[0] * s.pad + [1] * (batch.length + 1 - s.pad) for s in batch.slots]
         )

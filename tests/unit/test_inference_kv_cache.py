@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, PreTrainedConfig
+from transformers import GPT2Config, LlamaConfig, MistralConfig, PreTrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from tuneserve.inference import kv_cache
-from tuneserve.inference.kv_cache import GrowingLayer, growing_cache
+from tuneserve.inference.kv_cache import GrowingLayer, growing_cache, windowed_attention
 
 
 def states(rows: int, positions: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +55,23 @@ def test_tensors_put_in_its_place_are_taken_up() -> None:
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "windowed"),
     [
-        GPT2Config(n_layer=3, n_embd=16, n_head=2),
-        LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2),
+        (GPT2Config(n_layer=3, n_embd=16, n_head=2), False),
+        (LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2), False),
+        (MistralConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2), True),
+        (MistralConfig(num_hidden_layers=3, hidden_size=16, sliding_window=None), False),
     ],
-    ids=["gpt2", "llama"],
+    ids=["gpt2", "llama", "mistral-sliding", "mistral-full"],
 )
-def test_cache_for_a_model_replaces_its_full_attention_layers(config: PreTrainedConfig) -> None:
+def test_cache_for_a_model_replaces_its_attention_layers(
+    config: PreTrainedConfig, windowed: bool
+) -> None:
+    """Sliding-window layers too: they keep every position, transformers' masks the window."""
     cache = growing_cache(config)
     assert len(cache.layers) == 3
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert windowed_attention(config) is windowed
 
 
 class Reference:

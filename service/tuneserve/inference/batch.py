@@ -16,8 +16,9 @@ made, in the 4D form its attention implementation takes (sdpa: a boolean mask, e
 additive float one), so transformers skips building it from a 2D padding mask every step
 (on a 2-core CPU, 5-15% of a 16-row decoding forward of the benchmark's model). The mask is
 kept with spare columns, every column after a row's padding open, so a step only slices
-it; it is rebuilt when rows join or leave. Other implementations (flash attention) get the
-2D mask.
+it; it is rebuilt when rows join or leave. Other implementations (flash attention), and
+models with sliding-window or chunked layers (whose windows transformers applies), get
+the 2D mask.
 
 Not thread-safe: the scheduler's thread owns it."""
 
@@ -28,12 +29,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
-from tuneserve.inference.kv_cache import GrowingLayer
+from tuneserve.inference.kv_cache import GrowingLayer, windowed_attention
 
 T = TypeVar("T")
 MASK_ROOM = 32  # spare mask columns kept beyond the cache's length
+PADDING_MASK = "padding"  # an `attention` for which steps get the 2D padding mask
 
 
 @dataclass
@@ -47,6 +49,15 @@ class Slot(Generic[T]):
 
 
 class DecodeBatch(Generic[T]):
+    @classmethod
+    def for_model(cls, model: PreTrainedModel) -> DecodeBatch[T]:
+        """A batch whose steps get the mask `model`'s attention takes: ready made, or the 2D
+        padding mask when some of its layers attend within a window (sliding or chunked
+        attention), whose masks transformers builds."""
+        config = model.config
+        attention = PADDING_MASK if windowed_attention(config) else config._attn_implementation
+        return cls(attention=attention, dtype=model.dtype)
+
     def __init__(self, attention: str = "sdpa", dtype: torch.dtype = torch.float32) -> None:
         """`attention`: the model's attention implementation (config._attn_implementation);
         `dtype`: its compute dtype (an eager mask is added to the attention scores)."""
@@ -136,7 +147,7 @@ class DecodeBatch(Generic[T]):
                 closed = torch.finfo(self._dtype).min
                 mask = torch.zeros(visible.shape, dtype=self._dtype, device=device)
                 self._mask = mask.masked_fill_(~visible, closed)[:, None, None, :]
-            else:  # transformers builds what it needs from the 2D padding mask
+            else:  # PADDING_MASK or flash attention: transformers builds what it needs
                 self._mask = visible.long()
         return self._mask[..., :columns]
 

@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 MIN_ROOM = 16  # positions of spare room at the least
 SHRINK_AT = 4  # buffers this many times the size new ones would have are replaced
 MIN_SHRINK = 4096  # ... when they hold more than this many row-positions
+# The cache layers of attention with keys and values per position, which GrowingLayer replaces.
+GROWABLE = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class GrowingLayer(DynamicLayer):
@@ -211,14 +213,28 @@ def _capped(want: int, need: int, limit: int | None) -> int:
 def growing_cache(
     config: PreTrainedConfig, *, max_rows: int | None = None, max_positions: int | None = None
 ) -> DynamicCache:
-    """The cache transformers would build for `config`, its plain full-attention layers
-    replaced by GrowingLayer (sliding-window and other special layers are left as they are),
-    growing room ahead of need up to `max_rows` rows and `max_positions` positions."""
+    """The cache transformers would build for `config`, its attention layers (full, sliding
+    and chunked: GROWABLE) replaced by GrowingLayer, growing room ahead of need up to
+    `max_rows` rows and `max_positions` positions. Other layers (linear attention, quantized,
+    shared) are left as they are.
+
+    Sliding-window and chunked layers keep every position rather than the last window's:
+    rows of different lengths share the cache's columns, so no one cut fits them all.
+    transformers' masks, built from the 2D padding mask (`windowed_attention`), keep each
+    query within its window."""
     cache = DynamicCache(config=config)
     cache.layers = [
         GrowingLayer(max_rows=max_rows, max_positions=max_positions)
-        if type(layer) is DynamicLayer
+        if type(layer) in GROWABLE
         else layer
         for layer in cache.layers
     ]
     return cache
+
+
+def windowed_attention(config: PreTrainedConfig) -> bool:
+    """Whether some of the model's layers attend within a window (sliding or chunked
+    attention), whose masks transformers builds from the 2D padding mask."""
+    return any(
+        type(layer) is DynamicSlidingWindowLayer for layer in DynamicCache(config=config).layers
+    )

@@ -185,8 +185,7 @@ class Scheduler:
         return future.result(timeout=300)
 
     def _new_batch(self) -> DecodeBatch[Request]:
-        model = self._adapters.model
-        return DecodeBatch(attention=model.config._attn_implementation, dtype=model.dtype)
+        return DecodeBatch.for_model(self._adapters.model)
 
     # --- the loop
 
