@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-tiny-model", help="build a tiny model offline, for tests and demos")
     p.add_argument("output_dir", type=Path)
-    p.add_argument("--architecture", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument(  # tiny_models.ARCHITECTURES, without importing torch for --help
+        "--architecture", choices=["gpt2", "llama", "mistral", "qwen2"], default="gpt2"
+    )
     p.add_argument(
         "--text-file",
         type=Path,

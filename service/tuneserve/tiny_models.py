@@ -1,6 +1,8 @@
-"""Tiny models built offline: a GPT-2 or Llama architecture from a small config, random
-weights, and a byte-level BPE tokenizer trained here on a built-in corpus. Tests and the demo
-use them; nothing touches the network. Byte-level BPE covers any UTF-8 text."""
+"""Tiny models built offline: a GPT-2, Llama, Mistral (sliding-window attention in every
+layer) or Qwen2 (sliding-window and full attention, alternating) architecture from a small
+config, random weights, and a byte-level BPE tokenizer trained here on a built-in corpus.
+Tests and the demo use them; nothing touches the network. Byte-level BPE covers any UTF-8
+text."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
-ARCHITECTURES = ("gpt2", "llama")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
+SLIDING_WINDOW = 16  # Mistral's and Qwen2's: short, so that tests' rows outgrow it
 
 _CORPUS = """\
 Question: What is the Force? Answer: The Force is what gives a Jedi his power.
@@ -86,16 +91,27 @@ def tiny_config(
             attn_pdrop=0.0,
             **common,
         )
+    # Llama's shape, which Mistral and Qwen2 share; the windows are what differs.
+    llama_shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **common,
+    )
     if architecture == "llama":
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            **common,
+        return LlamaConfig(**llama_shape)
+    if architecture == "mistral":
+        return MistralConfig(sliding_window=SLIDING_WINDOW, **llama_shape)
+    if architecture == "qwen2":
+        return Qwen2Config(
+            use_sliding_window=True,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            **llama_shape,
         )
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
@@ -104,7 +120,7 @@ def build_tiny_model(
     output_dir: Path, *, architecture: str = "gpt2", extra_text: Iterable[str] = (), seed: int = 0
 ) -> Path:
     """Write a tiny model and its tokenizer to `output_dir`, loadable by from_pretrained."""
-    tokenizer = build_tokenizer(extra_text, bos=architecture == "llama")
+    tokenizer = build_tokenizer(extra_text, bos=architecture != "gpt2")
     config = tiny_config(architecture, len(tokenizer), tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import (
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedModel
 
 from tests.support import greedy_reference
 from tuneserve.inference.batch import DecodeBatch
@@ -25,9 +19,6 @@ from tuneserve.tiny_models import build_tiny_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
-
-
-WINDOW = 6  # shorter than most rows below: sliding layers see only part of the cache
 
 
 # Each architecture with each attention implementation the batch hands a ready 4D mask to,
@@ -47,35 +38,13 @@ WINDOW = 6  # shorter than most rows below: sliding layers see only part of the 
 )
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     architecture, attention = request.param.split("-")
-    if architecture in ("gpt2", "llama"):
-        path = build_tiny_model(
-            tmp_path_factory.mktemp("tiny") / architecture, architecture=architecture
-        )
-        model = load_model(str(path), device=CPU, dtype=torch.float32)
-    else:
-        model = windowed_model(architecture)
+    path = build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / architecture, architecture=architecture
+    )
+    model = load_model(str(path), device=CPU, dtype=torch.float32)
     model.set_attn_implementation(attention)
     model.eval()
     return model
-
-
-def windowed_model(architecture: str) -> PreTrainedModel:
-    shape: dict[str, Any] = dict(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=WINDOW,
-    )
-    torch.manual_seed(0)
-    if architecture == "mistral":
-        return MistralForCausalLM(MistralConfig(**shape))
-    layer_types = ["sliding_attention", "full_attention"]
-    config = Qwen2Config(**shape, use_sliding_window=True, layer_types=layer_types)
-    return Qwen2ForCausalLM(config)
 
 
 def new_batch(model: PreTrainedModel, attention: str | None = None) -> DecodeBatch[Row]:

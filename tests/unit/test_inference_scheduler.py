@@ -24,6 +24,7 @@ from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingPa
 from tuneserve.inference.scheduler import Request, Scheduler
 from tuneserve.models import load_model, load_tokenizer
 from tuneserve.registry import AdapterRegistry
+from tuneserve.tiny_models import SLIDING_WINDOW, build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -222,6 +223,34 @@ def test_concurrent_greedy_requests_give_what_each_gives_alone(
     # the adapters are really applied: the same prompt gives three different texts
     texts = {a: alone(scheduler, request(tokenizer, PROMPTS[0], a)).text for a in ("", "a1", "a2")}
     assert len(set(texts.values())) == 3
+
+
+def test_a_sliding_window_model_batched_gives_what_it_gives_alone_past_its_window(
+    make_scheduler: Callable[..., Scheduler], tmp_path: Path
+) -> None:
+    """Mistral attends within SLIDING_WINDOW positions: rows of different lengths that
+    outgrow it, joining a running batch, each give plain transformers' greedy tokens."""
+    mistral = build_tiny_model(tmp_path / "mistral", architecture="mistral")
+    tokenizer = load_tokenizer(str(mistral))
+    registry = AdapterRegistry(tmp_path / "registry")
+    adapters = AdapterCache(
+        model=fresh_model(mistral), registry=registry, base_model=str(mistral), capacity=1
+    )
+    scheduler = make_scheduler(adapters=adapters, tokenizer=tokenizer, registry=registry)
+    requests = [request(tokenizer, p, max_new_tokens=2 * SLIDING_WINDOW) for p in PROMPTS]
+    scheduler.submit(requests[0])
+    wait_until(lambda: scheduler.stats.running == 1)
+    for req in requests[1:]:
+        scheduler.submit(req)
+    results = [result(req) for req in requests]
+    assert scheduler.stats.peak_running > 1
+    model = fresh_model(mistral)
+    for req, got in zip(requests, results, strict=True):
+        assert len(req.prompt_ids) + got.last.generated_tokens > SLIDING_WINDOW
+        tokens = greedy_reference(model, req.prompt_ids, req.params.max_new_tokens)
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert req.generated == tokens
 
 
 def test_a_seeded_sampled_request_gives_the_same_text_alone_and_in_a_batch(
