@@ -128,7 +128,10 @@ class Engine:
             device=self.device,
             max_batch_size=self._config.max_batch_size,
             max_queue=self._config.max_queued_requests,
-            max_positions=self._config.max_prompt_tokens + self._config.max_new_tokens,
+            # The longest row `_encode_prompt` lets through: the limits, within the context.
+            max_positions=min(
+                self._max_positions, self._config.max_prompt_tokens + self._config.max_new_tokens
+            ),
             observer=self._observer,
         )
         scheduler.start()
