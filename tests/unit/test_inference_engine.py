@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen3NextConfig
 
 from tuneserve.config import ServerConfig
 from tuneserve.errors import FailedPrecondition
@@ -18,6 +19,7 @@ from tuneserve.inference import engine as engine_module
 from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.engine import Engine
 from tuneserve.registry import AdapterRegistry
+from tuneserve.tiny_models import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,3 +115,36 @@ def test_import_refuses_what_a_load_would_refuse(engine: Engine, tmp_path: Path,
         engine.import_adapter(str(target), "flawed")
     assert exc.value.field == "path"
     assert not engine._registry.exists("flawed")
+
+
+def test_a_model_whose_cache_the_batch_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
+    """Qwen3-Next's linear-attention layers keep a recurrent state per row, not keys and
+    values per position: the engine says so when the model loads, before any request."""
+    tokenizer = build_tokenizer()
+    config = Qwen3NextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
+    model_dir = tmp_path / "qwen3-next"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    engine = Engine(
+        config=make_config(model_dir, tmp_path), registry=AdapterRegistry(tmp_path / "adapters")
+    )
+    with pytest.raises(FailedPrecondition, match=r"qwen3_next.*LinearAttentionLayer"):
+        engine.load()
+    assert not engine.ready

@@ -8,9 +8,10 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, MistralConfig, PreTrainedConfig
+from transformers import AutoConfig, GPT2Config, LlamaConfig, MistralConfig, PreTrainedConfig
 from transformers.cache_utils import DynamicLayer
 
+from tuneserve.errors import FailedPrecondition
 from tuneserve.inference import kv_cache
 from tuneserve.inference.kv_cache import GrowingLayer, growing_cache, windowed_attention
 
@@ -267,3 +268,28 @@ def test_small_buffers_are_not_replaced_to_save_memory() -> None:
     before = layer._buffers()[0].data_ptr()
     layer.keep_rows([3], drop_front=0)
     assert layer._buffers()[0].data_ptr() == before
+
+
+@pytest.mark.parametrize(
+    ("model_type", "layer"),
+    [
+        ("qwen3_next", "LinearAttentionLayer"),  # linear attention beside full attention
+        ("jamba", "LinearAttentionLayer"),  # Mamba layers' recurrent state
+        ("falcon_h1", "LinearAttentionAndFullAttentionLayer"),
+        ("gemma3n", "DummyLayer"),  # layers that reuse another layer's keys
+        ("glm_moe_dsa", "DynamicIndexedLayer"),  # sparse attention's indexer keys
+    ],
+)
+def test_models_whose_cache_rows_cannot_join_and_leave_are_refused(
+    model_type: str, layer: str
+) -> None:
+    config = AutoConfig.for_model(model_type)
+    for build in (kv_cache.check_batchable, growing_cache):
+        with pytest.raises(FailedPrecondition, match=f"{model_type}.*{layer}"):
+            build(config)
+
+
+@pytest.mark.parametrize("config", [GPT2Config(), LlamaConfig(), MistralConfig(sliding_window=8)])
+def test_attention_models_are_batchable(config: PreTrainedConfig) -> None:
+    kv_cache.check_batchable(config)
+    assert all(type(layer) is GrowingLayer for layer in growing_cache(config).layers)

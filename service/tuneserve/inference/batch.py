@@ -5,8 +5,7 @@ forward over their left-padded prompts) and their cache is merged in (the shorte
 zero padding on the left, masked out); rows that finish are dropped, and padding that every
 row shares is trimmed. On the cache's GrowingLayers (inference/kv_cache.py) all of that
 happens in place, in the layers' spare room: a join copies the newcomers' keys and values,
-a leave moves one row from the tail into each gap, and neither copies the whole cache;
-other layers are concatenated and index-selected.
+a leave moves one row from the tail into each gap, and neither copies the whole cache.
 Each row carries its own position ids, so absolute (GPT-2) and rotary (Llama) positions both
 stay right however much padding sits in front of a row.
 
@@ -94,18 +93,10 @@ class DecodeBatch(Generic[T]):
             return
         total = max(self.length, width)
         pad_mine, pad_theirs = total - self.length, total - width
-        # Layers with keys and values [rows, heads, positions, dim]: DynamicLayer and kin.
-        layers: list[Any] = list(self.cache.layers)
-        theirs_layers: list[Any] = list(cache.layers)
-        for mine, theirs in zip(layers, theirs_layers, strict=True):
+        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
             keys, values = theirs.keys, theirs.values
-            if isinstance(mine, GrowingLayer):  # in place, into its spare room
-                mine.append_rows(keys, values, pad_mine=pad_mine, pad_theirs=pad_theirs)
-                continue
-            mine.keys = torch.cat([_left_pad(mine.keys, pad_mine), _left_pad(keys, pad_theirs)])
-            mine.values = torch.cat(
-                [_left_pad(mine.values, pad_mine), _left_pad(values, pad_theirs)]
-            )
+            assert keys is not None and values is not None  # prefilled
+            mine.append_rows(keys, values, pad_mine=pad_mine, pad_theirs=pad_theirs)
         for s in self.slots:
             s.pad += total - self.length
         for s in slots:
@@ -171,22 +162,17 @@ class DecodeBatch(Generic[T]):
             return
         assert self.cache is not None
         shared = min(s.pad for s in self.slots)
-        index: torch.Tensor | None = None
-        layers: list[Any] = list(self.cache.layers)
-        for layer in layers:
-            if isinstance(layer, GrowingLayer):
-                layer.keep_rows(order, drop_front=shared)
-                continue
-            if index is None:
-                index = torch.tensor(order, device=layer.keys.device)
-            layer.keys = layer.keys.index_select(0, index)[:, :, shared:]
-            layer.values = layer.values.index_select(0, index)[:, :, shared:]
+        for layer in _layers(self.cache):
+            layer.keep_rows(order, drop_front=shared)
         for s in self.slots:
             s.pad -= shared
         self.length -= shared
 
 
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+def _layers(cache: DynamicCache) -> list[GrowingLayer]:
+    """The cache's layers, every one a GrowingLayer (`growing_cache` refuses other models)."""
+    layers: list[Any] = list(cache.layers)
+    for layer in layers:
+        if not isinstance(layer, GrowingLayer):
+            raise TypeError(f"a batch's cache holds GrowingLayers, not {type(layer).__name__}")
+    return layers

@@ -26,6 +26,7 @@ from tuneserve.inference.adapters import (
     read_lora_config,
 )
 from tuneserve.inference.classifier import Classifier
+from tuneserve.inference.kv_cache import check_batchable
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.inference.mailbox import LoopSink, Mailbox
 from tuneserve.inference.params import (
@@ -115,6 +116,7 @@ class Engine:
             name="model-load",
         )
         model.eval()
+        check_batchable(model.config)  # a model the batch cannot hold fails here, clearly
         self._max_positions = max_positions(model)
         self._adapters = AdapterCache(
             model=model,

@@ -36,6 +36,8 @@ import torch
 from transformers import DynamicCache, PreTrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from tuneserve.errors import FailedPrecondition
+
 MIN_ROOM = 16  # positions of spare room at the least
 SHRINK_AT = 4  # buffers this many times the size new ones would have are replaced
 MIN_SHRINK = 4096  # ... when they hold more than this many row-positions
@@ -215,21 +217,38 @@ def growing_cache(
 ) -> DynamicCache:
     """The cache transformers would build for `config`, its attention layers (full, sliding
     and chunked: GROWABLE) replaced by GrowingLayer, growing room ahead of need up to
-    `max_rows` rows and `max_positions` positions. Other layers (linear attention, quantized,
-    shared) are left as they are.
+    `max_rows` rows and `max_positions` positions.
 
     Sliding-window and chunked layers keep every position rather than the last window's:
     rows of different lengths share the cache's columns, so no one cut fits them all.
     transformers' masks, built from the 2D padding mask (`windowed_attention`), keep each
-    query within its window."""
+    query within its window. Models with other layers are refused (`check_batchable`)."""
     cache = DynamicCache(config=config)
+    _refuse_other_layers(cache, config)
     cache.layers = [
-        GrowingLayer(max_rows=max_rows, max_positions=max_positions)
-        if type(layer) in GROWABLE
-        else layer
-        for layer in cache.layers
+        GrowingLayer(max_rows=max_rows, max_positions=max_positions) for _ in cache.layers
     ]
     return cache
+
+
+def check_batchable(config: PreTrainedConfig) -> None:
+    """Refuse a model whose cache has layers that rows cannot join and leave: recurrent or
+    convolution state (linear attention, Mamba-style hybrids), keys shared with another
+    layer or layers without attention (DummyLayer), indexer keys (sparse attention). The
+    batch would mix the rows' state or lose it; refused when the model loads, not at the
+    first request."""
+    _refuse_other_layers(DynamicCache(config=config), config)
+
+
+def _refuse_other_layers(cache: DynamicCache, config: PreTrainedConfig) -> None:
+    other = {type(layer).__name__ for layer in cache.layers if type(layer) not in GROWABLE}
+    if other:
+        raise FailedPrecondition(
+            f"model type {config.model_type!r} cannot be served: its cache has "
+            f"{', '.join(sorted(other))} layers, which batched generation does not support "
+            "(every layer must be full, sliding-window or chunked attention)",
+            field="base_model",
+        )
 
 
 def windowed_attention(config: PreTrainedConfig) -> bool:
