@@ -8,9 +8,11 @@ import logging
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -43,6 +45,11 @@ def load_tokenizer(base_model: str) -> Tokenizer:
         # Pad positions are masked from attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_config(base_model: str) -> PretrainedConfig:
+    """The model's config alone (config.json): what it is, before any weights load."""
+    return AutoConfig.from_pretrained(base_model, trust_remote_code=False)
 
 
 def load_model(base_model: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:

@@ -117,9 +117,12 @@ def test_import_refuses_what_a_load_would_refuse(engine: Engine, tmp_path: Path,
     assert not engine._registry.exists("flawed")
 
 
-def test_a_model_whose_cache_the_batch_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
+def test_a_model_whose_cache_the_batch_cannot_hold_is_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Qwen3-Next's linear-attention layers keep a recurrent state per row, not keys and
-    values per position: the engine says so when the model loads, before any request."""
+    values per position: the engine says so when it starts, from the model's config, before
+    any request and before the weights load."""
     tokenizer = build_tokenizer()
     config = Qwen3NextConfig(
         vocab_size=len(tokenizer),
@@ -145,6 +148,9 @@ def test_a_model_whose_cache_the_batch_cannot_hold_is_refused_at_load(tmp_path: 
     engine = Engine(
         config=make_config(model_dir, tmp_path), registry=AdapterRegistry(tmp_path / "adapters")
     )
+    loaded: list[str] = []
+    monkeypatch.setattr(engine_module, "load_model", lambda base, **_: loaded.append(base))
     with pytest.raises(FailedPrecondition, match=r"qwen3_next.*LinearAttentionLayer"):
         engine.load()
     assert not engine.ready
+    assert loaded == []

@@ -44,6 +44,7 @@ from tuneserve.inference.scheduler import (
 )
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
+    load_config,
     load_model,
     load_tokenizer,
     max_positions,
@@ -110,13 +111,14 @@ class Engine:
 
     def load(self) -> None:
         """Load the base model, start the scheduler, run one short generation to warm up."""
+        # A model the batch cannot hold fails here, from its config, before its weights load.
+        check_batchable(load_config(self._config.base_model))
         tokenizer = load_tokenizer(self._config.base_model)
         model = run_in_own_thread(
             lambda: load_model(self._config.base_model, device=self.device, dtype=self.dtype),
             name="model-load",
         )
         model.eval()
-        check_batchable(model.config)  # a model the batch cannot hold fails here, clearly
         self._max_positions = max_positions(model)
         self._adapters = AdapterCache(
             model=model,
