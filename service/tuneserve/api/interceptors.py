@@ -1,15 +1,19 @@
 """The RPC metrics interceptor: go-grpc-prometheus's series for every method, a stream timed
-to its last message."""
+to its last message. Being the outermost interceptor, it also guards request parsing
+(tuneserve.api.decoding): undecodable bytes end the call INVALID_ARGUMENT, counted as such,
+instead of UNKNOWN with a traceback."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from tuneserve.api import decoding
 from tuneserve.metrics import Metrics
 
 
@@ -22,26 +26,28 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+        # The guard sits inside the timing, so refused calls are counted, and after the
+        # bearer-token check (inner to this interceptor), which leaves unauthenticated bytes
+        # unparsed.
+        handler = decoding.guard(await continuation(details), details.method)
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, service, method),
+                self._unary(handler.unary_unary, ("unary", service, method)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, service, method),
+                self._stream(handler.unary_stream, ("server_stream", service, method)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # client and bidi streams: none in this service (reflection aside)
 
-    def _unary(self, behavior: Any, service: str, method: str) -> Any:
-        labels = ("unary", service, method)
+    def _unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = self._start(labels)
@@ -56,8 +62,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _stream(self, behavior: Any, service: str, method: str) -> Any:
-        labels = ("server_stream", service, method)
+    def _stream(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # A stream written with context.write (health Watch) is a coroutine: timed as one.
+            return self._unary(behavior, labels)
 
         async def wrapper(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
