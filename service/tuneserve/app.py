@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from tuneserve import failpoints
 from tuneserve.api.interceptors import MetricsInterceptor
 from tuneserve.api.security import BearerTokenInterceptor, TokenFile, server_credentials
 from tuneserve.api.server import Health, create_health_server, create_server
@@ -30,6 +32,8 @@ from tuneserve.registry import AdapterRegistry
 from tuneserve.training.runner import LoraTrainer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 32
 
 
 @dataclass
@@ -59,6 +63,8 @@ def build_services(config: ServerConfig) -> Services:
             max_dataset_rows=config.max_dataset_rows,
             max_dataset_bytes=config.max_dataset_bytes,
             max_job_attempts=config.max_job_attempts,
+            max_queued_jobs=config.max_queued_jobs,
+            max_queued_jobs_per_caller=config.max_queued_jobs_per_caller,
         ),
         # A retrained adapter under a reused id must not be served from a stale copy.
         on_adapter_registered=lambda info: engine.drop_adapter(info.id),
@@ -66,6 +72,7 @@ def build_services(config: ServerConfig) -> Services:
         base_chat_template=lambda: getattr(engine.tokenizer, "chat_template", None),
         before_training_step=policy.before_training_step,
         observer=metrics,
+        layer_names=engine.layer_names,
     )
     watch_service(metrics, engine, jobs, GpuCollector(torch_memory=_torch_memory))
     return Services(
@@ -142,6 +149,10 @@ class RunningServer:
 
     @classmethod
     async def start(cls, config: ServerConfig) -> RunningServer:
+        failpoints.arm(config.failpoints)
+        # asyncio.to_thread's pool: the default (cores + 4 threads) is so small that a few
+        # slow calls would keep quick ones such as GetStatus waiting for a thread.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(DEFAULT_THREADS, "rpc"))
         services = build_services(config)
         servicer = TuneserveServicer(
             jobs=services.jobs, registry=services.registry, engine=services.engine

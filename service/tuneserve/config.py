@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneserve import failpoints
 from tuneserve.errors import InvalidArgument, collect
 
 ENV_PREFIX = "TUNESERVE_"
@@ -102,9 +103,24 @@ class ServerConfig:
     max_job_attempts: int = _opt(
         3, "Starts a job gets across restarts before an interrupted job is marked FAILED."
     )
+    max_queued_jobs: int = _opt(
+        64,
+        "Training jobs queued or running at once; past it TrainJob answers RESOURCE_EXHAUSTED "
+        "with a retry hint.",
+    )
+    max_queued_jobs_per_caller: int = _opt(
+        16,
+        "Training jobs queued or running at once for one caller (one bearer token; without "
+        "tokens, all callers are one), so one caller's burst cannot fill the whole queue.",
+    )
     max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message accepted.")
     log_format: str = _opt("text", "Log format: text or json.")
     log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+    failpoints: str = _opt(
+        "",
+        "Testing only: kill the process (SIGKILL) at named instants of a job's life, "
+        "name[=n],... (the n-th hit); see tuneserve/failpoints.py. Empty: off.",
+    )
 
     @property
     def db_path(self) -> Path:
@@ -163,6 +179,8 @@ class ServerConfig:
             "max_message_bytes",
             "max_batch_size",
             "max_queued_requests",
+            "max_queued_jobs",
+            "max_queued_jobs_per_caller",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")
@@ -172,6 +190,10 @@ class ServerConfig:
             bad("stream_interval_ms", "must not be negative")
         if self.grace_period_s < 0:
             bad("grace_period_s", "must not be negative")
+        try:
+            failpoints.parse(self.failpoints)
+        except ValueError as e:
+            bad("failpoints", str(e))
         if self.log_format not in ("text", "json"):
             bad("log_format", f"{self.log_format!r} is not text or json")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

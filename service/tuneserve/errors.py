@@ -47,13 +47,23 @@ class FailedPrecondition(TuneserveError):
 
 
 class ResourceExhausted(TuneserveError):
-    """A bounded queue is full; `retry_after_s` hints when to try again."""
+    """A bounded queue is full, or the server's disk; `retry_after_s` hints when to try
+    again, `reason` says which (RESOURCE_EXHAUSTED, QUEUE_FULL, CALLER_QUEUE_FULL,
+    DISK_FULL)."""
 
     reason = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float = 1.0,
+        reason: str = "RESOURCE_EXHAUSTED",
+        field: str = "",
+    ) -> None:
+        super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class Unavailable(TuneserveError):
@@ -75,6 +85,16 @@ class Unauthenticated(TuneserveError):
     def __init__(self, message: str, *, reason: str = "UNAUTHENTICATED") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """`value` as an error message quotes it (repr), cut to about `limit` characters: an
+    error never echoes a whole field back (a 20 kB id would make a status trailer larger
+    than clients accept)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def collect(problems: list[InvalidArgument]) -> None:

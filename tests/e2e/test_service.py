@@ -203,8 +203,19 @@ def test_duplicate_adapter_id_and_idempotent_request_id(served: dict) -> None:
         request_id="req-1",
         training=pb.TrainingConfig(max_steps=2),
     )
-    again = client.train(rows=vader_rows()[:2], adapter_id="idem", request_id="req-1")
+    again = client.train(
+        rows=vader_rows()[:2],
+        adapter_id="idem",
+        request_id="req-1",
+        training=pb.TrainingConfig(max_steps=2),
+    )
     assert again.id == first.id
+    # The same request_id with another body is not a retry: refused, not answered with the
+    # first job as if it were this one.
+    with pytest.raises(ClientError) as e:
+        client.train(rows=vader_rows()[:2], adapter_id="idem", request_id="req-1")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert "request_id" in e.value.message
     assert client.wait(first.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
     client.delete_adapter("idem")
     with pytest.raises(ClientError) as e:

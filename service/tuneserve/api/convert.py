@@ -57,9 +57,14 @@ def _dataset(dataset: pb.Dataset) -> tuple[list[dict[str, Any]] | None, str | No
     return None, dataset.path if source == "path" else None
 
 
-def train_request(req: pb.TrainJobRequest) -> TrainRequest:
+def train_request(req: pb.TrainJobRequest, *, caller: str = "") -> TrainRequest:
     if req.dataset.WhichOneof("source") is None:
         raise InvalidArgument("dataset: give inline rows or a path", field="dataset")
+    if req.task not in _TASKS_BACK and req.task != pb.TASK_TYPE_UNSPECIFIED:
+        raise InvalidArgument(
+            f"task: {req.task} is not a task type (causal LM or sequence classification)",
+            field="task",
+        )
     rows, path = _dataset(req.dataset)
     validation_rows, validation_path = _dataset(req.validation)
     defaults_lora, defaults_tr = LoraSpec(), TrainingSpec()
@@ -100,6 +105,9 @@ def train_request(req: pb.TrainJobRequest) -> TrainRequest:
             loss_on=tr.loss_on or defaults_tr.loss_on,
         ),
         request_id=req.request_id,
+        caller=caller,
+        lora_given=frozenset(f.name for f, _ in lora.ListFields()),
+        training_given=frozenset(f.name for f, _ in tr.ListFields()),
     )
 
 

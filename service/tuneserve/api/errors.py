@@ -21,6 +21,10 @@ from tuneserve.logs import request_id_var
 log = logging.getLogger(__name__)
 
 DOMAIN = "tuneserve"
+# A status travels in trailers, which clients cap (grpc: 8 KiB by default): what a status
+# says is cut to fit, whatever a message quoted.
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 256
 
 STATUS_CODES: dict[type[errors.TuneserveError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -41,17 +45,23 @@ def status_code(error: errors.TuneserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 32]}... ({len(text)} characters)"
+
+
 def to_status(error: errors.TuneserveError) -> grpc.Status:
     code = status_code(error)
-    metadata = {"field": error.field} if error.field else {}
+    metadata = {"field": _cut(error.field, MAX_DETAIL_CHARS)} if error.field else {}
     if error.row is not None:
         metadata["row"] = str(error.row)
     details: list[Any] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     ]
-    problems = getattr(error, "problems", [error])
+    problems = getattr(error, "problems", [error])[:16]
     violations = [
-        error_details_pb2.BadRequest.FieldViolation(field=p.field, description=p.message)
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(p.field, MAX_DETAIL_CHARS), description=_cut(p.message, MAX_DETAIL_CHARS)
+        )
         for p in problems
         if p.field
     ]
@@ -67,7 +77,11 @@ def to_status(error: errors.TuneserveError) -> grpc.Status:
         a.Pack(d)
         packed.append(a)
     return rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=packed)
+        status_pb2.Status(
+            code=getattr(code_pb2, code.name),
+            message=_cut(error.message, MAX_MESSAGE_CHARS),
+            details=packed,
+        )
     )
 
 

@@ -12,6 +12,7 @@ tokens are compared in constant time and never logged."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -175,6 +176,22 @@ def check_bearer(metadata: Any, tokens: TokenFile) -> None:
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not tokens.accepts(token.strip()):
         raise errors.Unauthenticated("invalid bearer token", reason="INVALID_TOKEN")
+
+
+def caller_of(metadata: Any) -> str:
+    """Who is calling, for per-caller limits: a fingerprint of the bearer token (never the
+    token itself, which would then sit in the job store), or "" without one. Only accepted
+    tokens reach a handler when tokens are required."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if not values:
+        return ""
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    token = value.strip().partition(" ")[2].strip()
+    if not token:
+        return ""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

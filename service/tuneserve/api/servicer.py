@@ -4,6 +4,7 @@ result. Errors are mapped by the decorators in tuneserve.api.errors."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import grpc
 
 from tuneserve.api import convert
 from tuneserve.api.errors import streaming, unary
+from tuneserve.api.security import caller_of
 from tuneserve.errors import InvalidArgument, Unavailable
 from tuneserve.inference.params import GenerationChunk, GenerationRequest
 from tuneserve.jobs.manager import JobManager
@@ -22,8 +24,13 @@ from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_OFFSET = 2**31  # far past any real store; keeps OFFSET in every backend's range
 # Threads that drive generations; each waits its turn on the engine, off the event loop.
 GENERATION_THREADS = 64
+# Threads for work that may take long on large input (a dataset validated and written, an
+# adapter checked): few, and apart from the rest, so a burst of it never keeps reads such
+# as GetStatus waiting for a thread.
+HEAVY_THREADS = 4
 
 
 class Generator(Protocol):
@@ -59,11 +66,16 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         self._registry = registry
         self._engine = engine
         self._generation_pool = ThreadPoolExecutor(GENERATION_THREADS, "generate")
+        self._heavy_pool = ThreadPoolExecutor(HEAVY_THREADS, "heavy")
+
+    async def _heavy(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._heavy_pool, fn, *args)
 
     @unary
     async def TrainJob(self, request: pb.TrainJobRequest, context: Context) -> pb.TrainJobResponse:
         self._require_ready()
-        job = await asyncio.to_thread(self._jobs.submit, convert.train_request(request))
+        train = convert.train_request(request, caller=caller_of(context.invocation_metadata()))
+        job = await self._heavy(self._jobs.submit, train)
         return pb.TrainJobResponse(job=convert.job(job))
 
     @unary
@@ -140,9 +152,7 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
         self, request: pb.ImportAdapterRequest, context: Context
     ) -> pb.ImportAdapterResponse:
         self._require_ready()
-        info = await asyncio.to_thread(
-            self._engine.import_adapter, request.path, request.adapter_id
-        )
+        info = await self._heavy(self._engine.import_adapter, request.path, request.adapter_id)
         return pb.ImportAdapterResponse(adapter=self._adapter(info))
 
     @unary
@@ -180,9 +190,7 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
     @unary
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         self._require_ready()
-        results = await asyncio.to_thread(
-            self._engine.classify, request.adapter_id, list(request.texts)
-        )
+        results = await self._heavy(self._engine.classify, request.adapter_id, list(request.texts))
         return convert.classifications(results)
 
     @streaming
@@ -208,9 +216,12 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
             raise Unavailable("the model is still loading; retry shortly")
 
 
+_PAGE_TOKEN = re.compile(r"[0-9]{1,10}")
+
+
 def _page_offset(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit():
+    if not _PAGE_TOKEN.fullmatch(token) or int(token) > MAX_PAGE_OFFSET:
         raise InvalidArgument("page_token: not a token from this server", field="page_token")
     return int(token)

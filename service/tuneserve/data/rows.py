@@ -9,12 +9,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuneserve.errors import InvalidArgument
+from tuneserve.errors import InvalidArgument, shown
 from tuneserve.jobs.model import DatasetFormat
 
 # One validated row: {"text"}, {"prompt", "response"}, {"text", "label"} or {"messages"}.
 Row = dict[str, Any]
 ROLES = ("system", "user", "assistant")
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
 def resolve_dataset_path(path: str, roots: Sequence[Path], *, field: str = "dataset.path") -> Path:
@@ -36,12 +37,24 @@ def resolve_under_roots(
         raise InvalidArgument(
             f"{field}: this server reads no {what} files (start it with {flag})", field=field
         )
-    real = Path(os.path.realpath(path))
-    if not any(real.is_relative_to(root) for root in roots):
-        raise InvalidArgument(f"{field}: {path} is outside the allowed {what} roots", field=field)
-    if not (real.is_dir() if directory else real.is_file()):
-        kind = "directory" if directory else "file"
-        raise InvalidArgument(f"{field}: {path} is not a {kind}", field=field)
+    if "\0" in path or len(path) > MAX_PATH_CHARS:
+        raise InvalidArgument(
+            f"{field}: not a path (a NUL character, or over {MAX_PATH_CHARS} characters)",
+            field=field,
+        )
+    kind = "directory" if directory else "file"
+    try:
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(root) for root in roots):
+            raise InvalidArgument(
+                f"{field}: {shown(path)} is outside the allowed {what} roots", field=field
+            )
+        if not (real.is_dir() if directory else real.is_file()):
+            raise InvalidArgument(f"{field}: {shown(path)} is not a {kind}", field=field)
+    except OSError as e:  # a name too long for the file system, a loop of links, ...
+        raise InvalidArgument(
+            f"{field}: {shown(path)} cannot be a {kind} here: {e.strerror or e}", field=field
+        ) from None
     return real
 
 
@@ -54,8 +67,8 @@ def read_jsonl(
             f"{field}: {size} bytes is over the limit of {max_bytes}", field=field
         )
     rows: list[Mapping[str, Any]] = []
-    with path.open("r", encoding="utf-8", errors="strict") as f:
-        for index, line in enumerate(_lines(f, path, field)):
+    with path.open("rb") as f:
+        for index, line in enumerate(_lines(f, field)):
             if not line.strip():
                 raise InvalidArgument(
                     f"{field}: row {index} (line {index + 1}) is empty",
@@ -82,11 +95,18 @@ def read_jsonl(
     return rows
 
 
-def _lines(f: Iterable[str], path: Path, field: str) -> Iterable[str]:
-    try:
-        yield from (line.rstrip("\n") for line in f)
-    except UnicodeDecodeError:
-        raise InvalidArgument(f"{field}: {path.name} is not UTF-8 text", field=field) from None
+def _lines(f: Iterable[bytes], field: str) -> Iterable[str]:
+    """Each line as text; a line that is not UTF-8 is named by its row, line and byte."""
+    for index, raw in enumerate(f):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(
+                f"{field}: row {index} (line {index + 1}) is not UTF-8 text "
+                f"(byte {e.start + 1} of the line)",
+                field=field,
+                row=index,
+            ) from None
 
 
 def validate_rows(

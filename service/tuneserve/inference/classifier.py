@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from tuneserve.data.examples import Example, collate
 from tuneserve.errors import FailedPrecondition, InvalidArgument
+from tuneserve.inference.text_limits import check_text_size
 from tuneserve.jobs.model import Task, check_adapter_id
 from tuneserve.models import load_classifier
 from tuneserve.registry import AdapterRegistry
@@ -52,11 +53,20 @@ class Classifier:
         self._loaded: OrderedDict[str, PeftModel] = OrderedDict()
 
     def classify(
-        self, adapter_id: str, texts: Sequence[str], tokenizer: Tokenizer
+        self,
+        adapter_id: str,
+        texts: Sequence[str],
+        tokenizer: Tokenizer,
+        *,
+        max_tokens: int | None = None,
     ) -> list[LabelScores]:
-        """For each text, every label with its probability, most likely first."""
+        """For each text, every label with its probability, most likely first. `max_tokens`:
+        the longest text taken (default the configured limit)."""
         if not 1 <= len(texts) <= MAX_TEXTS:
             raise InvalidArgument(f"texts: give 1 to {MAX_TEXTS} texts", field="texts")
+        limit = min(max_tokens or self._max_tokens, self._max_tokens)
+        for i, text in enumerate(texts):
+            check_text_size(text, limit, field=f"texts[{i}]")
         info = self._registry.get(check_adapter_id(adapter_id))
         if info.task != Task.CLASSIFICATION.value:
             raise FailedPrecondition(
@@ -65,9 +75,9 @@ class Classifier:
             )
         encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         for i, ids in enumerate(encoded):
-            if len(ids) > self._max_tokens:
+            if len(ids) > limit:
                 raise InvalidArgument(
-                    f"texts[{i}]: {len(ids)} tokens is over the limit of {self._max_tokens}",
+                    f"texts[{i}]: {len(ids)} tokens is over the limit of {limit}",
                     field=f"texts[{i}]",
                 )
         pad = tokenizer.pad_token_id

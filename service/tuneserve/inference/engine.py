@@ -42,6 +42,7 @@ from tuneserve.inference.scheduler import (
     SchedulerStats,
     Sink,
 )
+from tuneserve.inference.text_limits import check_text_size
 from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
     load_config,
@@ -184,7 +185,8 @@ class Engine:
             mailbox = self._mailboxes[loop] = Mailbox(
                 loop, interval_s=self._config.stream_interval_ms / 1000
             )
-        pending = self._submit(request, LoopSink(mailbox, out))
+        # Checked and tokenised on a thread: never on the event loop, which answers health.
+        pending = await asyncio.to_thread(self._submit, request, LoopSink(mailbox, out))
         try:
             while True:
                 item = await out.get()
@@ -263,34 +265,43 @@ class Engine:
             flag="--adapter-import-roots",
             directory=True,
         )
-        config = read_lora_config(source)
+        read_lora_config(source)  # a bad config is refused before anything is copied
         weights = source / "adapter_model.safetensors"
         if not weights.is_file():
             raise InvalidArgument(
                 "path: no adapter_model.safetensors there (pickled .bin weights are refused)",
                 field="path",
             )
+        from tuneserve.inference.adapters import imported_info
+
         adapters = self._require_adapters()
-        # The very check a load makes (lora_files.read_lora), on the thread that owns the
-        # model: an adapter registered here is one Generate can load.
-        self._call(lambda: read_lora(adapter_id, source, adapters.model, field="path"))
+        # The copies are what is checked and registered, not the source, which may change
+        # meanwhile; nothing is visible in the registry until `register` renames them in.
         staging = self._registry.staging_dir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copyfile(source / name, staging / name)
-        targets = config.get("target_modules") or ()
-        info = AdapterInfo(
-            id=adapter_id,
-            base_model=self._config.base_model,
-            r=int(config["r"]),
-            alpha=float(config.get("lora_alpha", config["r"])),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
-            source_job_id="",
-            final_loss=0.0,
-            steps=0,
-            trained_tokens=0,
-        )
-        return self._registry.register(staging, info)
+        try:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                try:
+                    shutil.copyfile(source / name, staging / name)
+                except OSError as e:
+                    raise InvalidArgument(
+                        f"path: {name} cannot be copied ({e.strerror})", field="path"
+                    ) from None
+            config = read_lora_config(staging)
+            # The very check a load makes (lora_files.read_lora), on the thread that owns
+            # the model: an adapter registered here is one Generate can load.
+            layers: list[str] = []
+            self._call(
+                lambda: layers.extend(read_lora(adapter_id, staging, adapters.model, field="path"))
+            )
+            info = imported_info(
+                adapter_id=adapter_id,
+                base_model=self._config.base_model,
+                config=config,
+                layers=layers,
+            )
+            return self._registry.register(staging, info)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once registered
 
     def drop_adapter(self, adapter_id: str) -> None:
         """Forget an adapter that was deleted or replaced on disk (one in use is unloaded
@@ -309,9 +320,19 @@ class Engine:
         if self.tokenizer is None:
             raise Unavailable("the model is still loading")
         tokenizer = self.tokenizer
+        # A text longer than the model's positions would index past its position table.
+        limit = min(self._config.max_prompt_tokens, self._max_positions)
         return run_in_own_thread(
-            lambda: self._classifier.classify(adapter_id, texts, tokenizer), name="classify"
+            lambda: self._classifier.classify(adapter_id, texts, tokenizer, max_tokens=limit),
+            name="classify",
         )
+
+    def layer_names(self) -> list[str] | None:
+        """Names of the base model's modules (what LoRA target_modules may name), once the
+        model is loaded."""
+        if self._adapters is None:
+            return None
+        return [name for name, _ in self._adapters.model.named_modules() if name]
 
     # --- internals
 
@@ -326,6 +347,7 @@ class Engine:
 
     def _encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
         assert self.tokenizer is not None
+        check_text_size(prompt, self._config.max_prompt_tokens, field="prompt")
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:  # an empty prompt starts from the beginning-of-sequence token
             ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]

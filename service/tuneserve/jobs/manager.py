@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
+import hashlib
+import json
 import logging
 import random
 import shutil
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tuneserve import failpoints
 from tuneserve.data.rows import (
     Row,
     read_jsonl,
@@ -36,7 +40,15 @@ from tuneserve.data.rows import (
     validate_rows,
     write_snapshot,
 )
-from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    collect,
+    shown,
+)
 from tuneserve.jobs.model import (
     DatasetFormat,
     Job,
@@ -75,6 +87,38 @@ class TrainRequest:
     task: Task = Task.CAUSAL_LM
     labels: tuple[str, ...] = ()  # classification: default, the sorted distinct row labels
     chat_template: str = ""  # chat rows: default, the base tokenizer's
+    # Who is asking (a bearer token's fingerprint; "" without tokens): bounds their share.
+    caller: str = ""
+    # The `lora` and `training` fields the caller gave (the rest are defaults): a continued
+    # adapter takes its parent's settings for the others, and refuses lora that differs.
+    lora_given: frozenset[str] = frozenset()
+    training_given: frozenset[str] = frozenset()
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that makes this request what it is (not who sent it)."""
+        body = dataclasses.asdict(self)
+        del body["caller"], body["request_id"]
+        text = json.dumps(body, sort_keys=True, default=_jsonable, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _jsonable(value: object) -> object:
+    return sorted(value) if isinstance(value, set | frozenset) else str(value)
+
+
+# A continued adapter takes these from its parent's job when the request leaves them unset.
+INHERITED_TRAINING = (
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "max_seq_length",
+    "warmup_steps",
+    "scheduler",
+    "weight_decay",
+    "gradient_accumulation_steps",
+    "loss_on",
+    "gradient_checkpointing",
+)
 
 
 class Trainer(Protocol):
@@ -118,6 +162,8 @@ class Limits:
     max_dataset_rows: int = 100_000
     max_dataset_bytes: int = 256 * 1024 * 1024
     max_job_attempts: int = 3
+    max_queued_jobs: int = 64  # queued or running, all callers
+    max_queued_jobs_per_caller: int = 16
 
 
 class JobManager:
@@ -137,6 +183,7 @@ class JobManager:
         base_chat_template: Callable[[], str | None] = lambda: None,
         before_training_step: Callable[[], None] = lambda: None,
         observer: JobObserver | None = None,
+        layer_names: Callable[[], Sequence[str] | None] = lambda: None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -149,6 +196,7 @@ class JobManager:
         self._base_chat_template = base_chat_template
         self._before_training_step = before_training_step
         self._observer: JobObserver = observer or _NoObserver()
+        self._layer_names = layer_names
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -198,13 +246,18 @@ class JobManager:
 
     def submit(self, request: TrainRequest) -> Job:
         """Validate everything, snapshot the dataset, queue the job. A request_id seen before
-        (a client's retry, even one racing the first call) returns the first call's job."""
+        (a client's retry, even one racing the first call) returns the first call's job, if
+        the request is the same; another request under a used request_id is refused."""
+        fingerprint = request.fingerprint()
         with self._cond:
             if not self._accepting:
                 raise FailedPrecondition("the server is shutting down; retry on another replica")
-            if first := self._by_request_id(request.request_id):
+            if first := self._by_request_id(request.request_id, fingerprint):
                 return first
+            self._check_room(request.caller)  # cheap, and before reading a large dataset
         job_id = uuid.uuid4().hex[:16]
+        if request.task not in (Task.CAUSAL_LM, Task.CLASSIFICATION):
+            raise InvalidArgument(f"task: {shown(request.task)} is not a task", field="task")
         spec = JobSpec(
             base_model=self._base_model,
             adapter_id=request.adapter_id or f"adapter-{job_id}",
@@ -215,8 +268,14 @@ class JobManager:
             request_id=request.request_id,
             parent_adapter_id=request.parent_adapter_id,
             task=request.task,
+            caller=request.caller,
+            request_fingerprint=fingerprint,
         ).validate()  # settings first: cheap, and reported before reading a large file
         parent = self._parent(spec) if spec.parent_adapter_id else None
+        if parent is not None:
+            spec = self._continue_from(spec, parent, request)
+        else:
+            self._check_target_modules(spec.lora.target_modules)
         dataset_format, rows = self._load_rows(request)
         all_rows = rows
         rows, validation = self._split_validation(request, spec, dataset_format, rows)
@@ -233,38 +292,66 @@ class JobManager:
             labels=labels,
             chat_template=request.chat_template,
         )
-        if parent is not None:
-            spec = dataclasses.replace(
-                spec,
-                lora=LoraSpec(
-                    r=parent.r,
-                    alpha=parent.alpha,
-                    dropout=parent.dropout,
-                    target_modules=parent.target_modules,
-                ),
-            )
         job = Job(id=job_id, spec=spec)
         with self._cond:
-            if first := self._by_request_id(request.request_id):
+            if first := self._by_request_id(request.request_id, fingerprint):
                 return first
             self._check_adapter_id_free(spec.adapter_id)
-        write_snapshot(rows, self._snapshot_path(job_id))  # large: not under the lock
-        if validation:
-            write_snapshot(validation, self._snapshot_path(job_id, "validation"))
         try:
+            write_snapshot(rows, self._snapshot_path(job_id))  # large: not under the lock
+            if validation:
+                write_snapshot(validation, self._snapshot_path(job_id, "validation"))
             with self._cond:
-                if first := self._by_request_id(request.request_id):
-                    self._snapshot_path(job_id).unlink(missing_ok=True)
+                if first := self._by_request_id(request.request_id, fingerprint):
+                    self._remove_snapshots(job_id)
                     return first
                 self._check_adapter_id_free(spec.adapter_id)  # a racing submit may have won
+                self._check_room(request.caller)
                 self._store.insert(job)
                 self._queue.append(job_id)
                 self._cond.notify_all()
-        except BaseException:
-            self._snapshot_path(job_id).unlink(missing_ok=True)
+        except BaseException as e:
+            self._remove_snapshots(job_id)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(e) from None
             raise
+        failpoints.hit("job.queued")
         log.info("job %s queued: %d rows -> adapter %s", job_id, len(rows), spec.adapter_id)
         return self.get(job_id)
+
+    def _check_room(self, caller: str) -> None:
+        """A bounded queue: past its size, or a caller's share of it, the caller is told to
+        retry later (RESOURCE_EXHAUSTED with a hint), never queued without end. Call under
+        the lock."""
+        active = self._store.in_states(JobState.QUEUED, JobState.RUNNING)
+        limits = self._limits
+        retry_after = self._retry_after(len(active))
+        if len(active) >= limits.max_queued_jobs:
+            raise ResourceExhausted(
+                f"{len(active)} training jobs are queued or running, the most this server "
+                "takes; retry later",
+                retry_after_s=retry_after,
+                reason="QUEUE_FULL",
+            )
+        mine = sum(1 for j in active if j.spec.caller == caller)
+        if mine >= limits.max_queued_jobs_per_caller:
+            raise ResourceExhausted(
+                f"you have {mine} training jobs queued or running, the most one caller may "
+                "have; retry when one has finished",
+                retry_after_s=retry_after,
+                reason="CALLER_QUEUE_FULL",
+            )
+
+    def _retry_after(self, active: int) -> float:
+        """When a slot may free: the running job's ETA, else a minute per job ahead."""
+        running = self._running
+        if running is not None and running.progress.eta_seconds > 0:
+            return float(min(max(running.progress.eta_seconds, 5.0), 3600.0))
+        return float(min(60.0 * max(active, 1), 3600.0))
+
+    def _remove_snapshots(self, job_id: str) -> None:
+        for split in ("train", "validation"):
+            self._snapshot_path(job_id, split).unlink(missing_ok=True)
 
     def get(self, job_id: str) -> Job:
         with self._cond:
@@ -272,7 +359,7 @@ class JobManager:
                 return copy.deepcopy(self._running)
             job = self._store.get(job_id)
             if job is None:
-                raise NotFound(f"job {job_id!r} not found", field="job_id")
+                raise NotFound(f"job {shown(job_id)} not found", field="job_id")
             if job.state is JobState.QUEUED and job_id in self._queue:
                 job.queue_position = self._queue.index(job_id)
             return job
@@ -321,6 +408,20 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         job_id_var.set(job.id)
+        if (published := self._published_by(job)) is not None:
+            # The process died after publishing, before the job was marked SUCCEEDED:
+            # publishing is done, so is the job (its loss curve is in the store already).
+            log.info("job %s had published adapter %s; finishing it", job.id, published.id)
+            job.progress = dataclasses.replace(
+                job.progress,
+                step=published.steps,
+                total_steps=published.steps,
+                loss=published.final_loss,
+                trained_tokens=published.trained_tokens,
+            )
+            self._finish(job, JobState.SUCCEEDED, None)
+            self._on_registered(published)
+            return
         staging = self._registry.staging_dir()
         last_persist = 0.0
 
@@ -344,6 +445,7 @@ class JobManager:
                 eval_loss=progress.eval_loss if evaluated else None,
             )
             self._store.add_loss_points(job.id, [point])
+            failpoints.hit("job.step")
             with self._cond:
                 job.progress = dataclasses.replace(progress)
                 now = time.monotonic()
@@ -393,8 +495,10 @@ class JobManager:
                     use_dora=job.spec.lora.use_dora,
                 ),
             )
+            failpoints.hit("job.published")
             job.samples = list(result.samples)
             self._finish(job, JobState.SUCCEEDED, None)
+            failpoints.hit("job.succeeded")
             self._on_registered(info)
         except StopTraining:
             if self._cancel_running:
@@ -414,14 +518,23 @@ class JobManager:
                 JobFailure(code=code, message=e.message, field=e.field, row=e.row),
             )
         except Exception as e:
-            log.exception("job %s failed", job.id)
-            self._finish(
-                job,
-                JobState.FAILED,
-                JobFailure(code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}"),
-            )
+            if _is_disk_full(e, self._registry.root):
+                log.error("job %s failed: the disk is full (%s)", job.id, e)
+                failure = JobFailure(code="DISK_FULL", message=disk_full(e).message)
+            else:
+                log.exception("job %s failed", job.id)
+                failure = JobFailure(code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}")
+            self._finish(job, JobState.FAILED, failure)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _published_by(self, job: Job) -> AdapterInfo | None:
+        """The adapter this very job published, if it did (a crash after publishing)."""
+        try:
+            info = self._registry.get(job.spec.adapter_id)
+        except NotFound:
+            return None
+        return info if info.source_job_id == job.id else None
 
     def loss_curve(self, job_id: str) -> list[LossPoint]:
         self.get(job_id)  # NotFound for an unknown job
@@ -472,12 +585,21 @@ class JobManager:
                     field="adapter_id",
                 )
 
-    def _by_request_id(self, request_id: str) -> Job | None:
-        """The job already made for this idempotency key, if any. Call under the lock."""
+    def _by_request_id(self, request_id: str, fingerprint: str) -> Job | None:
+        """The job already made for this idempotency key, if any; AlreadyExists when that
+        job was made for another request. Call under the lock."""
         if not request_id:
             return None
         job = self._store.find_by_request_id(request_id)
-        return self.get(job.id) if job is not None else None
+        if job is None:
+            return None
+        if job.spec.request_fingerprint and job.spec.request_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"request_id: {shown(request_id)} was used for another request (job {job.id}); "
+                "a retry must repeat the request unchanged, a new request needs a new id",
+                field="request_id",
+            )
+        return self.get(job.id)
 
     def _snapshot_path(self, job_id: str, split: str = "train") -> Path:
         suffix = "" if split == "train" else f".{split}"
@@ -509,6 +631,60 @@ class JobManager:
                 field="parent_adapter_id",
             )
         return parent
+
+    def _continue_from(self, spec: JobSpec, parent: AdapterInfo, request: TrainRequest) -> JobSpec:
+        """A continued adapter has its parent's shape: LoRA settings given that differ from
+        the parent's are refused (not silently dropped), and training settings left unset
+        are the parent job's, not the defaults."""
+        source = self._store.get(parent.source_job_id) if parent.source_job_id else None
+        lora = LoraSpec(
+            r=parent.r,
+            alpha=parent.alpha,
+            dropout=parent.dropout,
+            target_modules=parent.target_modules,
+            use_rslora=source.spec.lora.use_rslora if source is not None else False,
+            use_dora=parent.use_dora,
+        )
+        given = request.lora
+        for name in sorted(request.lora_given):
+            ours, theirs = getattr(given, name), getattr(lora, name)
+            if name == "target_modules":
+                ours, theirs = sorted(ours), sorted(theirs)
+            if ours != theirs:
+                raise FailedPrecondition(
+                    f"lora.{name}: the parent adapter {parent.id} has {theirs!r}, and a "
+                    f"continued adapter keeps its parent's shape; leave lora.{name} unset "
+                    "or give the parent's value",
+                    field=f"lora.{name}",
+                )
+        training = spec.training
+        if source is not None:
+            inherited = {
+                name: getattr(source.spec.training, name)
+                for name in INHERITED_TRAINING
+                if name not in request.training_given
+            }
+            training = dataclasses.replace(training, **inherited)
+        return dataclasses.replace(spec, lora=lora, training=training).validate()
+
+    def _check_target_modules(self, names: tuple[str, ...]) -> None:
+        """Each target module names a layer of the base model (as peft matches them: the
+        whole name, or its last dotted parts), or the job would queue and fail later."""
+        layers = self._layer_names()
+        if not names or names == ("default",) or not layers:
+            return
+        problems = []
+        for i, name in enumerate(names):
+            if not any(layer == name or layer.endswith("." + name) for layer in layers):
+                leaves = sorted({layer.rsplit(".", 1)[-1] for layer in layers if layer})
+                problems.append(
+                    InvalidArgument(
+                        f"lora.target_modules[{i}]: {shown(name)} matches no layer of the base "
+                        f"model; its layers include {', '.join(leaves[:24])}",
+                        field=f"lora.target_modules[{i}]",
+                    )
+                )
+        collect(problems)
 
     def _check_chat_template(self, template: str, messages: list[dict[str, str]]) -> None:
         """Chat rows need a template that renders; checked now, not at training time."""
@@ -545,6 +721,12 @@ class JobManager:
         """Classification needs labelled rows and fixes the label order of the head."""
         labelled = dataset_format is DatasetFormat.LABELLED
         if request.task is not Task.CLASSIFICATION:
+            if request.labels:
+                raise InvalidArgument(
+                    "labels: only sequence classification jobs take labels; set the task, "
+                    "or leave labels empty",
+                    field="labels",
+                )
             if labelled:
                 raise InvalidArgument(
                     "task: the rows have labels; set the task to sequence classification",
@@ -629,3 +811,30 @@ class JobManager:
             [r for i, r in enumerate(rows) if i not in held_out],
             [r for i, r in enumerate(rows) if i in held_out],
         )
+
+
+DISK_FULL_FREE_BYTES = 64 * 1024 * 1024
+
+
+def disk_full(error: BaseException) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the server's disk is full ({error}); free space or retry on another replica",
+        retry_after_s=60.0,
+        reason="DISK_FULL",
+    )
+
+
+def _is_disk_full(error: BaseException, directory: Path) -> bool:
+    """ENOSPC anywhere in the chain, or a failed write (torch's zip writer says only "file
+    write failed") while the data volume has almost no space left."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if "write" not in str(error).lower():
+        return False
+    try:
+        return shutil.disk_usage(directory).free < DISK_FULL_FREE_BYTES
+    except OSError:
+        return False

@@ -10,17 +10,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneserve.errors import InvalidArgument, collect
+from tuneserve.errors import InvalidArgument, collect, shown
 
 ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 SCHEDULERS = ("linear", "cosine", "constant")
+MAX_SEED = 2**63 - 1  # torch seeds and the store's integers are signed 64-bit
+MAX_LORA_ALPHA = 65536.0
 
 
 def check_adapter_id(adapter_id: str, *, field_name: str = "adapter_id") -> str:
     """Adapter ids are names, never paths: they become one directory under the registry."""
     if not ADAPTER_ID_RE.match(adapter_id) or ".." in adapter_id:
         raise InvalidArgument(
-            f"{field_name}: {adapter_id!r} is not a valid adapter id (lowercase letters, "
+            f"{field_name}: {shown(adapter_id)} is not a valid adapter id (lowercase letters, "
             "digits, '.', '_' and '-', starting with a letter or digit, at most 63 characters)",
             field=field_name,
         )
@@ -101,6 +103,11 @@ class JobSpec:
     task: Task = Task.CAUSAL_LM
     labels: tuple[str, ...] = ()  # classification: label names in the head's order
     chat_template: str = ""  # chat rows: Jinja template; empty: the tokenizer's
+    # Who submitted it (a fingerprint of the bearer token, "" without tokens): the queue
+    # bounds each caller's share.
+    caller: str = ""
+    # sha256 of the request as submitted: a reused request_id must come with the same one.
+    request_fingerprint: str = ""
 
     def validate(self) -> JobSpec:
         """Report every problem at once; return the spec with defaults resolved."""
@@ -116,13 +123,24 @@ class JobSpec:
             problems.append(e)
         lora, tr = self.lora, self.training
         check(1 <= lora.r <= 1024, "lora.r", f"{lora.r} is not between 1 and 1024")
-        check(lora.alpha >= 0, "lora.alpha", "must not be negative")
+        check(
+            0 <= lora.alpha <= MAX_LORA_ALPHA,  # False for NaN
+            "lora.alpha",
+            f"{lora.alpha} is not between 0 (2 * r) and {MAX_LORA_ALPHA:g}",
+        )
         check(0 <= lora.dropout < 1, "lora.dropout", f"{lora.dropout} is not in [0, 1)")
-        for i, name in enumerate(lora.target_modules):
+        check(
+            not (lora.use_dora and self.task is Task.CAUSAL_LM),
+            "lora.use_dora",
+            "DoRA adapters cannot be served batched with other adapters, so a text-generation "
+            "job cannot use them; train plain LoRA (DoRA is allowed for classification)",
+        )
+        check(len(lora.target_modules) <= 256, "lora.target_modules", "at most 256 names")
+        for i, name in enumerate(lora.target_modules[:256]):
             check(
-                bool(re.match(r"^[A-Za-z0-9_.]+$", name)),
+                bool(re.match(r"^[A-Za-z0-9_.]{1,256}$", name)),
                 f"lora.target_modules[{i}]",
-                f"{name!r} is not a module name",
+                f"{shown(name)} is not a module name",
             )
         check(1 <= tr.epochs <= 1000, "training.epochs", f"{tr.epochs} is not between 1 and 1000")
         check(0 <= tr.max_steps <= 10_000_000, "training.max_steps", "is out of range")
@@ -142,11 +160,16 @@ class JobSpec:
             "training.warmup_steps",
             "must not be negative",
         )
+        check(
+            0 <= tr.seed <= MAX_SEED,
+            "training.seed",
+            f"{tr.seed} is out of range: give 0 to 2**63 - 1 ({MAX_SEED})",
+        )
         check(len(self.request_id) <= 128, "request_id", "is longer than 128 characters")
         check(
             tr.scheduler in SCHEDULERS,
             "training.scheduler",
-            f"{tr.scheduler!r} is not one of {', '.join(SCHEDULERS)}",
+            f"{shown(tr.scheduler)} is not one of {', '.join(SCHEDULERS)}",
         )
         check(0 <= tr.weight_decay < 1, "training.weight_decay", "is not in [0, 1)")
         check(
@@ -164,7 +187,7 @@ class JobSpec:
         check(
             tr.loss_on in ("completion", "all"),
             "training.loss_on",
-            f"{tr.loss_on!r} is not completion or all",
+            f"{shown(tr.loss_on)} is not completion or all",
         )
         if self.parent_adapter_id:
             try:
@@ -192,6 +215,8 @@ class JobSpec:
             task=Task(d.get("task", Task.CAUSAL_LM.value)),
             labels=tuple(d.get("labels", ())),
             chat_template=d.get("chat_template", ""),
+            caller=d.get("caller", ""),
+            request_fingerprint=d.get("request_fingerprint", ""),
         )
 
 

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from tuneserve import failpoints
 from tuneserve.jobs.model import Progress
 
 STATE_FILE = "trainer_state.pt"
@@ -42,6 +43,7 @@ def save_checkpoint(
         },
         tmp / STATE_FILE,
     )
+    failpoints.hit("checkpoint.write")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(directory.glob("step-*"))[:-keep]:
