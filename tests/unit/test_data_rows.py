@@ -283,9 +283,11 @@ def test_read_jsonl_enforces_the_row_limit(tmp_path: Path) -> None:
 
 def test_read_jsonl_rejects_non_utf8(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"text": "caf\xe9"}\n')
-    with pytest.raises(InvalidArgument, match="not UTF-8"):
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InvalidArgument, match="not UTF-8") as info:
         read_jsonl(path, max_bytes=10_000, max_rows=10)
+    assert info.value.row == 1  # the row is named, not only the file
+    assert "line 2" in info.value.message
 
 
 # --- resolve_dataset_path
@@ -441,3 +443,26 @@ def test_no_roots_names_what_and_the_flag(root: Path) -> None:
     assert info.value.field == "path"
     assert "reads no adapter files" in info.value.message
     assert "--adapter-import-roots" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "bad", ["with\0nul.jsonl", "x" * 300 + "/d.jsonl", "x" * 300 + ".jsonl", "/" + "a" * 5000]
+)
+def test_paths_the_file_system_cannot_take_are_invalid_arguments(root: Path, bad: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve_dataset_path(str(root / bad), [root])
+    assert info.value.field == "dataset.path"
+    assert len(info.value.message) < 400
+
+
+def test_directory_roots_refuse_bad_paths_too(root: Path) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve_under_roots(
+            str(root / ("y" * 300)),
+            [root],
+            field="path",
+            what="adapter",
+            flag="--adapter-import-roots",
+            directory=True,
+        )
+    assert info.value.field == "path"

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from tuneserve.data.rows import Row, write_snapshot
-from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from tuneserve.jobs.manager import JobManager, Limits, TrainRequest
 from tuneserve.jobs.model import (
     DatasetFormat,
@@ -727,16 +733,55 @@ def test_parent_for_another_base_model_or_task_is_refused(
     assert info.value.field == "parent_adapter_id"
 
 
-def test_child_takes_the_parents_lora_shape_and_directory(env: Env) -> None:
+def test_child_refuses_lora_settings_that_differ_from_the_parents(env: Env) -> None:
     register_parent(env)
-    m = env.manager(start=True)
+    m = env.manager()
+    with pytest.raises(FailedPrecondition) as info:
+        m.submit(
+            request(
+                "child",
+                parent_adapter_id="parent",
+                lora=LoraSpec(r=32),
+                lora_given=frozenset({"r"}),
+            )
+        )
+    assert info.value.field == "lora.r"
+    assert "4" in info.value.message  # the parent's rank, so the caller knows what to give
+    # The parent's own values, given explicitly, are fine (target_modules in any order).
     job = m.submit(
         request(
             "child",
             parent_adapter_id="parent",
-            lora=LoraSpec(r=32, alpha=8.0, target_modules=("q_proj",)),  # overridden
+            lora=LoraSpec(r=4, alpha=16.0, target_modules=("c_proj", "c_attn")),
+            lora_given=frozenset({"r", "alpha", "target_modules"}),
         )
     )
+    assert job.spec.lora.r == 4
+
+
+def test_child_takes_unset_training_settings_from_the_parents_job(env: Env) -> None:
+    m = env.manager(start=True)
+    parent_training = TrainingSpec(epochs=7, learning_rate=0.01, batch_size=2, scheduler="cosine")
+    first = m.submit(request("parent", training=parent_training))
+    wait_state(m, first.id, JobState.SUCCEEDED)
+    child = m.submit(
+        request(
+            "child",
+            parent_adapter_id="parent",
+            training=TrainingSpec(batch_size=4),  # given; the rest left unset
+            training_given=frozenset({"batch_size"}),
+        )
+    )
+    assert child.spec.training.epochs == 7
+    assert child.spec.training.learning_rate == 0.01
+    assert child.spec.training.scheduler == "cosine"
+    assert child.spec.training.batch_size == 4
+
+
+def test_child_takes_the_parents_lora_shape_and_directory(env: Env) -> None:
+    register_parent(env)
+    m = env.manager(start=True)
+    job = m.submit(request("child", parent_adapter_id="parent"))
     assert job.spec.lora.r == 4
     assert job.spec.lora.alpha == 16.0
     assert job.spec.lora.dropout == 0.1
@@ -920,3 +965,133 @@ def test_loss_curve_of_a_failed_job_keeps_its_last_steps(env: Env) -> None:
     failed = wait_state(m, job.id, JobState.FAILED)
     assert failed.progress.step == 3
     assert [p.step for p in m.loss_curve(job.id)] == [1, 2, 3]
+
+
+def test_request_id_reused_with_another_request_is_refused(env: Env) -> None:
+    m = env.manager()
+    first = m.submit(request("vader", request_id="req-1"))
+    with pytest.raises(AlreadyExists) as info:
+        m.submit(request("vader", request_id="req-1", training=TrainingSpec(epochs=9)))
+    assert info.value.field == "request_id"
+    assert first.id in info.value.message
+    assert len(m.list_jobs(state=None, offset=0, limit=10)) == 1
+
+
+def test_the_queue_is_bounded_with_a_retry_hint(env: Env) -> None:
+    m = env.manager(Limits(max_queued_jobs=3, max_queued_jobs_per_caller=3))
+    for i in range(3):
+        m.submit(request(f"a{i}"))
+    with pytest.raises(ResourceExhausted) as info:
+        m.submit(request("a3"))
+    assert info.value.reason == "QUEUE_FULL"
+    assert info.value.retry_after_s > 0
+    assert len(m.list_jobs(state=None, offset=0, limit=10)) == 3
+    m.cancel(m.list_jobs(state=None, offset=0, limit=1)[0].id)  # a slot frees
+    m.submit(request("a3"))
+
+
+def test_one_caller_cannot_fill_the_queue(env: Env) -> None:
+    m = env.manager(Limits(max_queued_jobs=10, max_queued_jobs_per_caller=2))
+    m.submit(request("a0", caller="alice"))
+    m.submit(request("a1", caller="alice"))
+    with pytest.raises(ResourceExhausted) as info:
+        m.submit(request("a2", caller="alice"))
+    assert info.value.reason == "CALLER_QUEUE_FULL"
+    m.submit(request("b0", caller="bob"))  # another caller still gets in
+
+
+def test_target_modules_that_match_no_layer_are_refused_before_queueing(env: Env) -> None:
+    layers = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "lm_head"]
+    m = env.manager(layer_names=lambda: layers)
+    with pytest.raises(InvalidArgument) as info:
+        m.submit(request("typo", lora=LoraSpec(target_modules=("c_attn", "q_proj"))))
+    assert info.value.field == "lora.target_modules[1]"
+    assert "c_attn" in info.value.message  # the names it could have meant
+    ok = m.submit(request("ok", lora=LoraSpec(target_modules=("c_attn", "attn.c_proj"))))
+    assert ok.state is JobState.QUEUED
+    assert len(m.list_jobs(state=None, offset=0, limit=10)) == 1
+
+
+def test_labels_on_a_causal_job_are_refused(env: Env) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(request("causal", labels=("yes", "no")))
+    assert info.value.field == "labels"
+
+
+def test_a_job_killed_after_publishing_is_finished_on_restart_not_trained_again(
+    env: Env,
+) -> None:
+    """The process died between registering the adapter and marking the job SUCCEEDED: the
+    job is RUNNING in the store and its adapter is published. Before, it trained again and
+    ended FAILED (ADAPTER_EXISTS) with its loss curve overwritten."""
+    spec = JobSpec(
+        base_model="tiny-base",
+        adapter_id="published",
+        dataset_format=DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=2,
+    ).validate()
+    write_snapshot(ROWS, env.tmp / "datasets" / "j-pub.jsonl")
+    env.store.insert(Job(id="j-pub", spec=spec, state=JobState.RUNNING, attempts=1))
+    curve = [LossPoint(step=s, epoch=s / 3, loss=1.0 / s) for s in (1, 2, 3)]
+    env.store.add_loss_points("j-pub", curve)
+    register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
+
+    m = env.manager(start=True)
+    done = wait_state(m, "j-pub", JobState.SUCCEEDED)
+    assert env.trainer.calls == []  # not trained again
+    assert done.error is None
+    assert done.progress.step == 3
+    assert m.loss_curve("j-pub") == curve
+    assert [info.id for info in env.registered] == ["published"]
+
+
+def test_another_jobs_adapter_under_the_same_id_is_not_taken_as_published(env: Env) -> None:
+    spec = JobSpec(
+        base_model="tiny-base",
+        adapter_id="taken",
+        dataset_format=DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=2,
+    ).validate()
+    write_snapshot(ROWS, env.tmp / "datasets" / "j-2.jsonl")
+    env.store.insert(Job(id="j-2", spec=spec, state=JobState.RUNNING, attempts=1))
+    register_parent(env, adapter_id="taken", source_job_id="someone-else")
+    m = env.manager(start=True)
+    failed = wait_state(m, "j-2", JobState.FAILED)
+    assert failed.error is not None and failed.error.code == "ADAPTER_EXISTS"
+
+
+def test_a_full_disk_at_submit_is_resource_exhausted_and_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from tuneserve.jobs import manager as manager_module
+
+    def full(rows: Any, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager_module, "write_snapshot", full)
+    m = env.manager()
+    with pytest.raises(ResourceExhausted) as info:
+        m.submit(request("vader"))
+    assert info.value.reason == "DISK_FULL"
+    assert "disk is full" in info.value.message
+    assert m.list_jobs(state=None, offset=0, limit=10) == []
+    assert list((env.tmp / "datasets").glob("*")) == []
+
+
+def test_a_full_disk_while_training_fails_the_job_as_disk_full(env: Env) -> None:
+    import errno
+
+    # As torch's zip writer fails: a RuntimeError raised while handling the OSError.
+    error = RuntimeError("[enforce fail at inline_container.cc] file write failed")
+    error.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    env.trainer.error = error
+    m = env.manager(start=True)
+    job = m.submit(request("vader"))
+    failed = wait_state(m, job.id, JobState.FAILED)
+    assert failed.error is not None
+    assert failed.error.code == "DISK_FULL"
+    assert "disk is full" in failed.error.message

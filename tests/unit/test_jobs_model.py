@@ -121,3 +121,42 @@ def test_final_states() -> None:
 def test_fraction_done() -> None:
     assert Progress().fraction_done == 0.0
     assert Progress(step=3, total_steps=12).fraction_done == 0.25
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"lora": LoraSpec(alpha=float("inf"))}, "lora.alpha"),
+        ({"lora": LoraSpec(alpha=float("nan"))}, "lora.alpha"),
+        ({"lora": LoraSpec(alpha=1e9)}, "lora.alpha"),
+        ({"lora": LoraSpec(use_dora=True)}, "lora.use_dora"),
+        ({"training": TrainingSpec(seed=2**63)}, "training.seed"),
+        ({"training": TrainingSpec(seed=2**64 - 1)}, "training.seed"),
+        ({"training": TrainingSpec(learning_rate=float("nan"))}, "training.learning_rate"),
+        ({"lora": LoraSpec(target_modules=("x",) * 300)}, "lora.target_modules"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_naming_the_field(
+    overrides: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        spec(**overrides).validate()
+    assert info.value.field == field
+
+
+def test_seed_error_states_the_range() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        spec(training=TrainingSpec(seed=2**63)).validate()
+    assert "2**63 - 1" in info.value.message
+
+
+def test_dora_is_allowed_for_classification() -> None:
+    from tuneserve.jobs.model import Task
+
+    spec(lora=LoraSpec(use_dora=True), task=Task.CLASSIFICATION, labels=("a", "b")).validate()
+
+
+def test_an_over_long_adapter_id_is_cut_in_the_error() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_adapter_id("x" * 20_000)
+    assert len(info.value.message) < 400

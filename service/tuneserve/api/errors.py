@@ -24,7 +24,8 @@ DOMAIN = "tuneserve"
 # A status travels in trailers, which clients cap (grpc: 8 KiB by default): what a status
 # says is cut to fit, whatever a message quoted.
 MAX_MESSAGE_CHARS = 1024
-MAX_DETAIL_CHARS = 256
+MAX_DETAIL_CHARS = 160
+MAX_VIOLATIONS = 8  # the first ones; the message still summarises them all (cut)
 
 STATUS_CODES: dict[type[errors.TuneserveError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -57,7 +58,7 @@ def to_status(error: errors.TuneserveError) -> grpc.Status:
     details: list[Any] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     ]
-    problems = getattr(error, "problems", [error])[:16]
+    problems = getattr(error, "problems", [error])[:MAX_VIOLATIONS]
     violations = [
         error_details_pb2.BadRequest.FieldViolation(
             field=_cut(p.field, MAX_DETAIL_CHARS), description=_cut(p.message, MAX_DETAIL_CHARS)
