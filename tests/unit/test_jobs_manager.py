@@ -1095,3 +1095,42 @@ def test_a_full_disk_while_training_fails_the_job_as_disk_full(env: Env) -> None
     assert failed.error is not None
     assert failed.error.code == "DISK_FULL"
     assert "disk is full" in failed.error.message
+
+
+class FullDiskStore:
+    """Delegates to a real store; the first write that marks `job_id` SUCCEEDED fails as a
+    full disk does."""
+
+    def __init__(self, inner: SQLiteJobStore, job_id: str) -> None:
+        self._inner, self._job_id, self.failed = inner, job_id, False
+
+    def update(self, job: Job) -> None:
+        if job.id == self._job_id and job.state is JobState.SUCCEEDED and not self.failed:
+            import errno
+
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._inner.update(job)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_failed_bookkeeping_write_does_not_stop_the_worker(env: Env) -> None:
+    """Before, the exception ended the worker thread: no job ran again until a restart."""
+    m = env.manager()
+    first = m.submit(request("first"))
+    second = m.submit(request("second"))
+    store = FullDiskStore(env.store, first.id)
+    m._store = store  # type: ignore[assignment]
+    m.start()
+    done = wait_state(m, second.id, JobState.SUCCEEDED)
+    assert store.failed
+    assert done.error is None
+    # The first job's end was not recorded: it is RUNNING in the store, for the next
+    # start's recovery (which finishes it from its published adapter).
+    assert env.store.get(first.id).state is JobState.RUNNING  # type: ignore[union-attr]
+    m.stop(timeout=TIMEOUT)
+    again = env.manager(start=True)
+    assert wait_state(again, first.id, JobState.SUCCEEDED).error is None
+    assert len(env.trainer.calls) == 2  # not trained a second time

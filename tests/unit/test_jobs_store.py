@@ -127,3 +127,16 @@ def test_survives_reopening_the_same_file(tmp_path: Path) -> None:
         assert [j.id for j in second.in_states(JobState.QUEUED)] == ["b", "c"]
     finally:
         second.close()
+
+
+def test_a_full_database_is_reported_as_a_full_disk(store: SQLiteJobStore) -> None:
+    """SQLite's SQLITE_FULL ("database or disk is full") comes out as OSError(ENOSPC), which
+    the job manager reports as DISK_FULL; here the database is capped at its current size."""
+    import errno
+
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(OSError) as info:
+        for i in range(1000):
+            store.insert(make_job(f"j{i}"))
+    assert info.value.errno == errno.ENOSPC

@@ -68,6 +68,7 @@ from tuneserve.torch_threads import run_in_own_thread
 log = logging.getLogger(__name__)
 
 PERSIST_EVERY_S = 1.0  # the job row; loss points are written every step
+WORKER_RETRY_S = 1.0  # after a failed bookkeeping write, before the next job
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,6 +390,19 @@ class JobManager:
     # --- worker
 
     def _work(self) -> None:
+        """The worker loop. Nothing a job does may end it: a job whose bookkeeping fails
+        (the store's disk full, say) is logged and left for the next start's recovery, and
+        the worker takes the next one, rather than the queue stalling for everyone."""
+        while not self._stopping:
+            try:
+                self._work_one()
+            except Exception:
+                log.exception("job worker: a job's bookkeeping failed; going on")
+                with self._cond:
+                    self._running = None
+                    self._cond.wait(WORKER_RETRY_S)
+
+    def _work_one(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
@@ -405,6 +419,7 @@ class JobManager:
                 self._running, self._cancel_running = job, False
             # A thread of its own, which ends with the job: see torch_threads.py.
             run_in_own_thread(functools.partial(self._run, job), name=f"job-{job.id}")
+            return
 
     def _run(self, job: Job) -> None:
         job_id_var.set(job.id)
@@ -497,9 +512,6 @@ class JobManager:
             )
             failpoints.hit("job.published")
             job.samples = list(result.samples)
-            self._finish(job, JobState.SUCCEEDED, None)
-            failpoints.hit("job.succeeded")
-            self._on_registered(info)
         except StopTraining:
             if self._cancel_running:
                 self._finish(job, JobState.CANCELLED, None)
@@ -525,6 +537,13 @@ class JobManager:
                 log.exception("job %s failed", job.id)
                 failure = JobFailure(code="TRAINING_FAILED", message=f"{type(e).__name__}: {e}")
             self._finish(job, JobState.FAILED, failure)
+        else:
+            # Published: from here on the job can only succeed. Should this write fail, the
+            # job stays RUNNING in the store and the next start finishes it from its adapter
+            # (`_published_by`), never FAILED with its adapter registered.
+            self._finish(job, JobState.SUCCEEDED, None)
+            failpoints.hit("job.succeeded")
+            self._on_registered(info)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

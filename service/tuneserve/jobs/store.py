@@ -5,10 +5,13 @@ slots in behind the same interface."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
+import errno
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -90,8 +93,20 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
-    def insert(self, job: Job) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Under the lock; SQLite's "database or disk is full" comes out as the OSError
+        (ENOSPC) it is, so callers report a full disk rather than an internal error."""
         with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise OSError(errno.ENOSPC, f"the job store's disk is full ({e})") from e
+                raise
+
+    def insert(self, job: Job) -> None:
+        with self._writing():
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
                 "INSERT INTO jobs (id, seq, state, spec, progress, error, created_at, started_at,"
@@ -101,7 +116,7 @@ class SQLiteJobStore:
             )
 
     def update(self, job: Job) -> None:
-        with self._lock:
+        with self._writing():
             self._db.execute(
                 "UPDATE jobs SET state=?, spec=?, progress=?, error=?, created_at=?, started_at=?,"
                 " finished_at=?, attempts=?, samples=? WHERE id=?",
@@ -129,7 +144,7 @@ class SQLiteJobStore:
         )
 
     def add_loss_points(self, job_id: str, points: builtins.list[LossPoint]) -> None:
-        with self._lock:
+        with self._writing():
             self._db.executemany(
                 "INSERT OR REPLACE INTO loss_curve (job_id, step, epoch, loss, eval_loss)"
                 " VALUES (?, ?, ?, ?, ?)",
