@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import torch
 
+from tuneserve.data.chat_template import RenderCancelled
 from tuneserve.data.examples import (
     IGNORE_INDEX,
     Example,
@@ -16,6 +18,7 @@ from tuneserve.data.examples import (
     encode_labelled,
     encode_rows,
 )
+from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import DatasetFormat
 
 TEXT = DatasetFormat.TEXT
@@ -314,3 +317,28 @@ def test_a_template_that_renders_bos_does_not_get_a_second_one(bos_tokenizer: An
         expected = expected["input_ids"]
     assert ex.input_ids[:-1] == list(expected)
     assert ex.input_ids.count(bos_tokenizer.bos_token_id) == 1
+
+
+# --- chat templates are rendered in worker processes (tuneserve.data.chat_template)
+
+
+def test_a_template_that_fails_on_a_row_names_that_row(tokenizer: Any) -> None:
+    template = "{% if messages[-1]['content'] == 'No!' %}{{ raise_exception('no') }}{% endif %}"
+    rows = [{"messages": CHAT[1:3]}, {"messages": CHAT[1:3]}, {"messages": CHAT[1:]}]
+    with pytest.raises(InvalidArgument, match=r"does not render: no \(dataset row 2\)") as info:
+        encode_chat(rows, tokenizer, chat_template=template + TEMPLATE, max_seq_length=512)
+    assert (info.value.field, info.value.row) == ("chat_template", 2)
+
+
+def test_a_looping_template_is_stopped_by_should_stop(tokenizer: Any) -> None:
+    looping = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(RenderCancelled):
+        encode_chat(
+            [{"messages": CHAT}],
+            tokenizer,
+            chat_template=looping,
+            max_seq_length=512,
+            should_stop=lambda: time.monotonic() > started + 0.1,
+        )
+    assert time.monotonic() - started < 1.0  # not the 2 s time bound

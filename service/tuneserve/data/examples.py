@@ -3,16 +3,18 @@ per batch (never to a fixed maximum)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tuneserve.data.chat_template import TemplateRenderer, shared_renderer, special_tokens_of
 from tuneserve.data.rows import Row
 from tuneserve.jobs.model import DatasetFormat
 
 IGNORE_INDEX = -100  # label value the loss skips
+_CHAT_CHUNK_ROWS = 256  # chat rows rendered per call: their renderings are held at once
 
 
 @dataclass(frozen=True)
@@ -102,37 +104,72 @@ def encode_chat(
     chat_template: str | None,
     max_seq_length: int,
     mask_prompt: bool = True,
+    renderer: TemplateRenderer | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Example]:
     """Conversations rendered with the chat template, turn by turn, so each token is known
     to belong to one message: with `mask_prompt` only assistant turns (their role header
-    included) are in the loss. The conversation ends with EOS so the model learns to stop."""
-    eos = tokenizer.eos_token_id
+    included) are in the loss. The conversation ends with EOS so the model learns to stop.
+
+    The template (None: the tokenizer's) is a user's program: it is rendered by `renderer`
+    (default: the process's shared one) in worker processes under time, output and memory
+    bounds, not on this thread. A template that fails raises InvalidArgument naming the row;
+    `should_stop()` stops the rendering with RenderCancelled."""
+    template = tokenizer.get_chat_template(chat_template)
+    renderer = renderer or shared_renderer()
+    special_tokens = special_tokens_of(tokenizer)
     examples = []
-    for row in rows:
-        messages = row["messages"]
-        ids: list[int] = []
-        labels: list[int] = []
-        rendered = ""
-        for i, message in enumerate(messages):
-            text = str(
-                tokenizer.apply_chat_template(
-                    messages[: i + 1], chat_template=chat_template, tokenize=False
+    # A chunk of rows at a time: every prefix of every conversation is rendered, and a
+    # whole dataset's worth of those need not be in memory at once.
+    for start in range(0, len(rows), _CHAT_CHUNK_ROWS):
+        chunk = rows[start : start + _CHAT_CHUNK_ROWS]
+        rendered = renderer.render_prefixes(
+            [row["messages"] for row in chunk],
+            template,
+            special_tokens=special_tokens,
+            should_stop=should_stop,
+            first_row=start,
+        )
+        for row, texts in zip(chunk, rendered, strict=True):
+            examples.append(
+                _encode_conversation(
+                    row["messages"],
+                    texts,
+                    tokenizer,
+                    max_seq_length=max_seq_length,
+                    mask_prompt=mask_prompt,
                 )
             )
-            # Templates render conversations as prefixes of one another; the turn is the rest.
-            turn = text[len(rendered) :] if text.startswith(rendered) else text
-            rendered = text
-            # A template that writes the BOS itself ({{ bos_token }}) must not get a second.
-            bos = tokenizer.bos_token
-            add_special = i == 0 and not (bos and turn.startswith(bos))
-            turn_ids = list(tokenizer(turn, add_special_tokens=add_special)["input_ids"])
-            ids += turn_ids
-            trained = not mask_prompt or message["role"] == "assistant"
-            labels += turn_ids if trained else [IGNORE_INDEX] * len(turn_ids)
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-            labels.append(
-                eos if messages[-1]["role"] == "assistant" or not mask_prompt else IGNORE_INDEX
-            )
-        examples.append(Example(ids[:max_seq_length], labels[:max_seq_length]))
     return examples
+
+
+def _encode_conversation(
+    messages: Sequence[Mapping[str, str]],
+    prefixes: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_length: int,
+    mask_prompt: bool,
+) -> Example:
+    """One conversation from its prefix renderings (`prefixes[i]`: messages[: i + 1])."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, (message, text) in enumerate(zip(messages, prefixes, strict=True)):
+        # Templates render conversations as prefixes of one another; the turn is the rest.
+        turn = text[len(rendered) :] if text.startswith(rendered) else text
+        rendered = text
+        # A template that writes the BOS itself ({{ bos_token }}) must not get a second.
+        bos = tokenizer.bos_token
+        add_special = i == 0 and not (bos and turn.startswith(bos))
+        turn_ids = list(tokenizer(turn, add_special_tokens=add_special)["input_ids"])
+        ids += turn_ids
+        trained = not mask_prompt or message["role"] == "assistant"
+        labels += turn_ids if trained else [IGNORE_INDEX] * len(turn_ids)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(
+            eos if messages[-1]["role"] == "assistant" or not mask_prompt else IGNORE_INDEX
+        )
+    return Example(ids[:max_seq_length], labels[:max_seq_length])

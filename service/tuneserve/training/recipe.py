@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, get_scheduler
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from tuneserve.data.chat_template import RenderCancelled, RendererClosed
 from tuneserve.data.examples import (
     Example,
     collate,
@@ -83,13 +84,17 @@ def train_lora(
         if classify:
             return encode_labelled(split, tokenizer, labels=spec.labels, max_seq_length=max_len)
         if spec.dataset_format is DatasetFormat.CHAT:
-            return encode_chat(
-                split,
-                tokenizer,
-                chat_template=spec.chat_template or None,
-                max_seq_length=max_len,
-                mask_prompt=tr.loss_on == "completion",
-            )
+            try:  # rendered in worker processes; a cancel or shutdown stops it there
+                return encode_chat(
+                    split,
+                    tokenizer,
+                    chat_template=spec.chat_template or None,
+                    max_seq_length=max_len,
+                    mask_prompt=tr.loss_on == "completion",
+                    should_stop=should_stop,
+                )
+            except (RenderCancelled, RendererClosed):
+                raise StopTraining from None
         return encode_rows(
             split,
             tokenizer,
