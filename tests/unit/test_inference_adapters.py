@@ -1,9 +1,11 @@
 """tuneserve.inference.adapters: the LRU adapter cache over a real tiny GPT-2 and registry,
-the servability and shape checks, and reading an imported adapter's config."""
+the servability and shape checks, reading an imported adapter's config, and the import
+itself (Engine.import_adapter), which checks everything before it registers anything."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from tuneserve.config import ServerConfig
 from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from tuneserve.inference.adapters import (
     AdapterCache,
     check_servable,
     read_lora_config,
 )
+from tuneserve.inference.engine import Engine
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.models import load_model
 from tuneserve.registry import AdapterInfo, AdapterRegistry
@@ -465,23 +469,29 @@ def write_config(directory: Path, config: dict[str, Any]) -> Path:
 
 def test_a_peft_lora_config_is_read(registry: AdapterRegistry) -> None:
     config = read_lora_config(registry.path("a1"))
-    assert config["peft_type"] == "LORA"
-    assert config["r"] == 4
-    assert config["target_modules"] == ["c_attn"]
+    assert config.peft_type == "LORA"
+    assert config.r == 4
+    assert config.target_modules == {"c_attn"}
 
 
 @pytest.mark.parametrize(
     ("config", "words"),
     [
-        (None, "no readable adapter_config.json"),
-        ("{not json", "no readable adapter_config.json"),
+        (None, "adapter_config.json cannot be read"),
+        ("{not json", "adapter_config.json is not JSON"),
+        ("[1]", "adapter_config.json holds a list"),
         ({"peft_type": "PREFIX_TUNING", "r": 4}, "PREFIX_TUNING"),
         ({"r": 4}, "only LORA"),
         ({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4}, "SEQ_CLS"),
         ({"peft_type": "LORA", "use_dora": True, "r": 4}, "DoRA"),
-        ({"peft_type": "LORA", "task_type": "CAUSAL_LM"}, "no rank r"),
-        ({"peft_type": "LORA", "r": 0}, "no rank r"),
-        ({"peft_type": "LORA", "r": "8"}, "no rank r"),
+        ({"peft_type": "LORA", "r": 0}, "r is 0"),
+        ({"peft_type": "LORA", "r": "8"}, "r is '8'"),
+        ({"peft_type": "LORA", "r": True}, "r is True"),
+        ({"peft_type": "LORA", "r": 2**70}, "from 1 to 4096"),
+        ({"peft_type": "LORA", "lora_alpha": "abc"}, "lora_alpha is 'abc'"),
+        ({"peft_type": "LORA", "alpha_pattern": {"(": 2}}, "not a regular expression"),
+        ({"peft_type": "LORA", "target_modules": 5}, "target_modules is 5"),
+        ({"peft_type": "LORA", "alora_invocation_tokens": [1, 2]}, "aLoRA"),
     ],
 )
 def test_read_lora_config_refuses(tmp_path: Path, config: Any, words: str) -> None:
@@ -494,10 +504,128 @@ def test_read_lora_config_refuses(tmp_path: Path, config: Any, words: str) -> No
     with pytest.raises(InvalidArgument) as exc:
         read_lora_config(directory)
     assert exc.value.field == "path"
-    assert exc.value.message.startswith("path: ")
+    assert exc.value.message.startswith("path: adapter_config.json")
     assert words in exc.value.message
 
 
-def test_read_lora_config_accepts_no_task_type(tmp_path: Path) -> None:
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16}
-    assert read_lora_config(write_config(tmp_path / "a", config)) == config
+def test_read_lora_config_accepts_no_task_type_and_fills_in_peft_defaults(tmp_path: Path) -> None:
+    config = read_lora_config(write_config(tmp_path / "a", {"peft_type": "LORA"}))
+    assert (config.task_type, config.r, config.lora_alpha) == (None, 8, 8)
+
+
+def test_an_adapter_whose_config_was_damaged_on_disk_is_refused_on_load(
+    cache: AdapterCache, tiny_gpt2: Path, tmp_path: Path, add_adapter: Any
+) -> None:
+    """A load reads the config with the same parser: a bad value is the adapter's fault
+    (FailedPrecondition), not an error escaping from the scheduler's thread."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    add_adapter(registry, tiny_gpt2, "x", seed=1)
+    config_file = registry.path("x") / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lora_alpha": "8"}))
+    damaged = AdapterCache(
+        model=cache.model, registry=registry, base_model=str(tiny_gpt2), capacity=2
+    )
+    with pytest.raises(FailedPrecondition) as exc:
+        damaged.ensure("x")
+    assert exc.value.field == "adapter_id"
+    assert "lora_alpha is '8'" in exc.value.message
+    assert damaged.loaded == [] and lora_modules(cache.model) == []
+
+
+# --- Engine.import_adapter: checked whole before anything is registered
+
+
+@pytest.fixture()
+def engine(tiny_gpt2: Path, tmp_path: Path) -> Iterator[Engine]:
+    config = ServerConfig(
+        base_model=str(tiny_gpt2),
+        data_dir=tmp_path / "data",
+        device="cpu",
+        dtype="float32",
+        adapter_import_roots=(tmp_path / "imports",),
+    )
+    engine = Engine(config=config, registry=AdapterRegistry(tmp_path / "adapters"))
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def importable(tmp_path: Path, tiny_gpt2: Path, save_lora: Any, name: str, **changes: Any) -> Path:
+    """A peft adapter (r 4, lora_alpha 8, c_attn) in the import root, config changed by
+    `changes` (a value of `...` drops the key)."""
+    directory = save_lora(tiny_gpt2, tmp_path / "imports" / name, seed=1)
+    config_file = directory / "adapter_config.json"
+    config = {**json.loads(config_file.read_text()), **changes}
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not ...}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"r": 2**70}, "r is 1180591620717411303424"),
+        ({"r": True}, "r is True"),
+        ({"lora_alpha": 1e999}, "lora_alpha is inf"),
+        ({"lora_alpha": "abc"}, "lora_alpha is 'abc'"),
+        ({"alpha_pattern": {"c_(attn": 2}}, "not a regular expression"),
+        ({"target_modules": 5}, "target_modules is 5"),
+        ({"alora_invocation_tokens": [17, 42]}, "aLoRA"),
+        ({"use_qalora": True}, "QALoRA"),
+    ],
+)
+def test_an_import_of_a_poison_config_registers_nothing(
+    engine: Engine,
+    tmp_path: Path,
+    tiny_gpt2: Path,
+    save_lora: Any,
+    changes: dict[str, Any],
+    words: str,
+) -> None:
+    """Issue 18 item 3: such an import failed INTERNAL and stayed registered, and from then
+    on every ListAdapters failed."""
+    registry = engine._registry
+    ok = importable(tmp_path, tiny_gpt2, save_lora, "ok")
+    engine.import_adapter(str(ok), "kept")
+    poison = importable(tmp_path, tiny_gpt2, save_lora, "poison", **changes)
+    with pytest.raises(InvalidArgument) as exc:
+        engine.import_adapter(str(poison), "poison")
+    assert exc.value.field == "path"
+    assert words in exc.value.message
+    assert not registry.exists("poison")
+    assert [a.id for a in registry.list()] == ["kept"]
+    assert list((registry.root / ".staging").iterdir()) == []
+
+
+def test_an_import_whose_weights_do_not_fit_leaves_no_staging_behind(
+    engine: Engine, tmp_path: Path, tiny_gpt2: Path, save_lora: Any
+) -> None:
+    misfit = importable(tmp_path, tiny_gpt2, save_lora, "misfit", r=8)  # rank-4 matrices
+    with pytest.raises(FailedPrecondition) as exc:
+        engine.import_adapter(str(misfit), "misfit")
+    assert exc.value.field == "path"
+    assert "gives r 8" in exc.value.message
+    assert engine._registry.list() == []
+    assert list((engine._registry.root / ".staging").iterdir()) == []
+
+
+def test_an_import_records_the_config_as_peft_reads_it(
+    engine: Engine, tmp_path: Path, tiny_gpt2: Path, save_lora: Any
+) -> None:
+    """No lora_alpha: peft's 8, not r (issue 18 item 9); no target_modules (peft picks them
+    by architecture): the layers the matrices adapt. And the adapter serves as peft does."""
+    source = importable(tmp_path, tiny_gpt2, save_lora, "bare", lora_alpha=..., target_modules=None)
+    info = engine.import_adapter(str(source), "bare")
+    assert (info.r, info.alpha, info.target_modules) == (4, 8.0, ("c_attn",))
+    assert engine._registry.get("bare") == info
+
+    expected = PeftModel.from_pretrained(fresh_model(tiny_gpt2), str(source)).eval()
+    model = fresh_model(tiny_gpt2)
+    served = AdapterCache(
+        model=model, registry=engine._registry, base_model=str(tiny_gpt2), capacity=1
+    )
+    assert served.ensure("bare")
+    with torch.inference_mode():
+        got = served.forward(["bare"], input_ids=IDS).logits
+    torch.testing.assert_close(got, logits_of(expected))

@@ -1,20 +1,25 @@
-"""tuneserve.registry: atomic adapter registration, lookup, listing and deletion."""
+"""tuneserve.registry: atomic adapter registration (idempotent for the job that owns the
+adapter), lookup, listing and deletion, and entries damaged on disk that poison nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tuneserve.errors import AlreadyExists, InvalidArgument, NotFound
+from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tuneserve.registry import METADATA_FILE, AdapterInfo, AdapterRegistry
 
 WEIGHTS = b"\x00" * 1000
 CONFIG = b'{"r": 4}'
 
 
-def info(adapter_id: str, created_at: float = 1000.0) -> AdapterInfo:
+def info(adapter_id: str, created_at: float = 1000.0, job: str = "job1") -> AdapterInfo:
     return AdapterInfo(
         id=adapter_id,
         base_model="gpt2",
@@ -22,7 +27,7 @@ def info(adapter_id: str, created_at: float = 1000.0) -> AdapterInfo:
         alpha=8.0,
         dropout=0.05,
         target_modules=("c_attn", "c_proj"),
-        source_job_id="job1",
+        source_job_id=job,
         final_loss=1.5,
         steps=10,
         trained_tokens=300,
@@ -60,15 +65,34 @@ def test_register_moves_the_staging_directory_into_place(registry: AdapterRegist
     assert registry.path("vader") == target
 
 
-def test_duplicate_adapter_id_is_rejected_and_the_first_kept(registry: AdapterRegistry) -> None:
+@pytest.mark.parametrize("job", ["job2", ""])
+def test_duplicate_adapter_id_is_rejected_and_the_first_kept(
+    registry: AdapterRegistry, job: str
+) -> None:
+    """Another job's adapter, or an import (no job), never replaces one already there."""
     first = add(registry, "vader")
     staging = registry.staging_dir()
     (staging / "adapter_model.safetensors").write_bytes(b"other")
     with pytest.raises(AlreadyExists) as exc:
-        registry.register(staging, info("vader", created_at=2000.0))
+        registry.register(staging, info("vader", created_at=2000.0, job=job))
     assert exc.value.field == "adapter_id"
     assert registry.get("vader") == first
     assert (registry.root / "vader" / "adapter_model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_publishing_again_for_the_same_job_returns_the_adapter_already_there(
+    registry: AdapterRegistry,
+) -> None:
+    """Issue 18 item 2: killed between publishing its adapter and being marked SUCCEEDED,
+    a job runs again after the restart and publishes again; that must not fail it."""
+    first = add(registry, "vader")
+    staging = registry.staging_dir()
+    (staging / "adapter_model.safetensors").write_bytes(b"retrained")
+    again = registry.register(staging, info("vader", created_at=2000.0, job="job1"))
+    assert again == first
+    assert not staging.exists()
+    assert (registry.root / "vader" / "adapter_model.safetensors").read_bytes() == WEIGHTS
+    assert [i.id for i in registry.list()] == ["vader"]
 
 
 def test_unknown_adapter_is_not_found(registry: AdapterRegistry) -> None:
@@ -145,4 +169,119 @@ def test_path_like_ids_are_invalid_arguments(
         registry.register(staging, info(bad_id))
     assert staging.exists()  # nothing was moved anywhere
     assert not (tmp_path / "evil").exists()
+    assert registry.list() == []
+
+
+# --- damaged entries poison nothing
+
+
+def write_entry(registry: AdapterRegistry, name: str, metadata: str | bytes) -> Path:
+    """An entry as something other than `register` may have left it on disk."""
+    directory = registry.root / name
+    directory.mkdir()
+    (directory / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    meta = directory / METADATA_FILE
+    if isinstance(metadata, bytes):
+        meta.write_bytes(metadata)
+    else:
+        meta.write_text(metadata)
+    return meta
+
+
+def metadata_of(adapter_id: str, **changes: Any) -> str:
+    d = {**dataclasses.asdict(info(adapter_id)), **changes}
+    return json.dumps({k: v for k, v in d.items() if v is not ...})
+
+
+DAMAGE = {
+    "not JSON": "{not json",
+    "truncated": metadata_of("bad")[:50],
+    "not UTF-8": b"\xff\xfe{",
+    "a list": "[1, 2]",
+    "no r": metadata_of("bad", r=...),
+    "huge r": metadata_of("bad", r=2**70),
+    "boolean r": metadata_of("bad", r=True),
+    "infinite alpha": metadata_of("bad", alpha=math.inf),
+    "NaN alpha": metadata_of("bad", alpha=math.nan),
+    "string alpha": metadata_of("bad", alpha="8"),
+    "negative steps": metadata_of("bad", steps=-1),
+    "dropout 2": metadata_of("bad", dropout=2.0),
+    "modules not strings": metadata_of("bad", target_modules=[1]),
+    "unknown task": metadata_of("bad", task="poetry"),
+    "another id": metadata_of("other"),
+    "NaN created_at": metadata_of("bad", created_at=math.nan),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_entry_is_left_out_of_the_list_and_refused_by_get(
+    registry: AdapterRegistry, damage: str
+) -> None:
+    """Issue 18 item 3: one such entry made every ListAdapters fail, across restarts."""
+    add(registry, "good")
+    write_entry(registry, "bad", DAMAGE[damage])
+    assert [i.id for i in registry.list()] == ["good"]
+    assert [i.id for i in AdapterRegistry(registry.root).list()] == ["good"]  # a restart
+    with pytest.raises(FailedPrecondition) as exc:
+        registry.get("bad")
+    assert exc.value.field == "adapter_id"
+    assert "'bad' is damaged" in exc.value.message
+    with pytest.raises(FailedPrecondition):
+        registry.path("bad")
+    assert registry.exists("bad")  # the id is taken until it is deleted
+
+
+def test_unreadable_metadata_is_damage_too(registry: AdapterRegistry) -> None:
+    (registry.root / "bad" / METADATA_FILE).mkdir(parents=True)  # read() fails: a directory
+    add(registry, "good")
+    assert [i.id for i in registry.list()] == ["good"]
+    with pytest.raises(FailedPrecondition, match="cannot be read"):
+        registry.get("bad")
+
+
+def test_a_damaged_entry_can_be_deleted(registry: AdapterRegistry) -> None:
+    write_entry(registry, "bad", "{not json")
+    registry.delete("bad")
+    assert not (registry.root / "bad").exists()
+    with pytest.raises(NotFound):
+        registry.get("bad")
+    add(registry, "bad")  # the id is free again
+    assert registry.get("bad").id == "bad"
+
+
+def test_a_damaged_entry_is_logged_once_until_it_changes(
+    registry: AdapterRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    meta = write_entry(registry, "bad", "{not json")
+    with caplog.at_level(logging.WARNING, logger="tuneserve.registry"):
+        for _ in range(3):
+            registry.list()
+        assert len([r for r in caplog.records if "bad" in r.getMessage()]) == 1
+        meta.write_text("[]")
+        registry.list()
+    warnings = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "holds a list" in warnings[1]
+
+
+def test_metadata_of_a_newer_version_with_more_fields_is_still_read(
+    registry: AdapterRegistry,
+) -> None:
+    write_entry(registry, "newer", metadata_of("newer", quantization="int4"))
+    assert registry.get("newer") == info("newer")
+    assert [i.id for i in registry.list()] == ["newer"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"alpha": math.inf}, {"alpha": math.nan}, {"r": 0}, {"dropout": -0.5}, {"steps": 2**64}],
+)
+def test_register_never_writes_an_entry_it_could_not_read_back(
+    registry: AdapterRegistry, changes: dict[str, Any]
+) -> None:
+    staging = registry.staging_dir()
+    (staging / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    with pytest.raises(ValueError, match="cannot be registered"):
+        registry.register(staging, dataclasses.replace(info("vader"), **changes))
+    assert not registry.exists("vader")
     assert registry.list() == []

@@ -15,17 +15,18 @@ Not thread-safe: only the scheduler's thread calls it (it owns the model)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
 from transformers import PreTrainedModel
 
 from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.inference.lora_batch import MultiLora
-from tuneserve.inference.lora_files import read_lora
+from tuneserve.inference.lora_files import CONFIG_FILE, ConfigError, read_config, read_lora
 from tuneserve.jobs.model import Task
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 
@@ -178,26 +179,36 @@ def check_servable(info: AdapterInfo, base_model: str, path: Path | None = None)
         )
 
 
-def read_lora_config(directory: Path) -> dict[str, Any]:
-    """adapter_config.json of a LoRA adapter for text generation, or InvalidArgument."""
+def read_lora_config(directory: Path) -> LoraConfig:
+    """adapter_config.json of a LoRA adapter for text generation, parsed and checked whole
+    (`lora_files.read_config`), or InvalidArgument on "path" naming the field at fault."""
     try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        raise InvalidArgument("path: no readable adapter_config.json there", field="path") from None
-    if config.get("peft_type") != "LORA":
-        raise InvalidArgument(
-            f"path: a {config.get('peft_type')} adapter; only LORA adapters are served",
-            field="path",
-        )
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise InvalidArgument(
-            f"path: task_type {config.get('task_type')}; only CAUSAL_LM adapters are imported",
-            field="path",
-        )
-    if config.get("use_dora"):
-        raise InvalidArgument(
-            "path: DoRA adapters cannot be batched; import a LoRA one", field="path"
-        )
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise InvalidArgument("path: adapter_config.json has no rank r", field="path")
-    return dict(config)
+        return read_config(directory)
+    except ConfigError as e:
+        raise InvalidArgument(f"path: {CONFIG_FILE}: {e}", field="path") from None
+
+
+def imported_info(
+    *, adapter_id: str, base_model: str, config: LoraConfig, layers: Iterable[str]
+) -> AdapterInfo:
+    """What the registry records of an imported adapter: its settings as peft reads them
+    (peft's defaults included), `layers` the model's layers its matrices adapt."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        modules: tuple[str, ...] = (targets,)
+    elif targets:
+        modules = tuple(sorted(targets))
+    else:  # peft chose them by architecture: the layers the matrices adapt say which
+        modules = tuple(sorted({name.rpartition(".")[2] for name in layers}))
+    return AdapterInfo(
+        id=adapter_id,
+        base_model=base_model,
+        r=config.r,
+        alpha=float(config.lora_alpha),
+        dropout=float(config.lora_dropout),
+        target_modules=modules,
+        source_job_id="",
+        final_loss=0.0,
+        steps=0,
+        trained_tokens=0,
+    )
