@@ -24,6 +24,7 @@ from tuneserve.api.server import Health, create_health_server, create_server
 from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
 from tuneserve.coserving import DevicePolicy
+from tuneserve.data.chat_template import TemplateRenderer, special_tokens_of
 from tuneserve.inference.engine import Engine
 from tuneserve.jobs.manager import JobManager, Limits
 from tuneserve.jobs.store import SQLiteJobStore
@@ -44,6 +45,7 @@ class Services:
     registry: AdapterRegistry
     engine: Engine
     jobs: JobManager
+    renderer: TemplateRenderer
 
 
 def build_services(config: ServerConfig) -> Services:
@@ -51,11 +53,20 @@ def build_services(config: ServerConfig) -> Services:
     metrics = Metrics()
     registry = AdapterRegistry(config.adapters_dir)
     engine = Engine(config=config, registry=registry, observer=metrics)
+    # Users' chat templates render in worker processes (data/chat_template.py); the first
+    # one imports transformers while the model loads.
+    renderer = TemplateRenderer(config.render_limits())
+    renderer.start()
     policy = DevicePolicy(generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s)
     jobs = JobManager(
         store=store,
         registry=registry,
-        trainer=LoraTrainer(base_model=config.base_model, device=engine.device, dtype=engine.dtype),
+        trainer=LoraTrainer(
+            base_model=config.base_model,
+            device=engine.device,
+            dtype=engine.dtype,
+            chat_renderer=renderer,
+        ),
         base_model=config.base_model,
         datasets_dir=config.datasets_dir,
         limits=Limits(
@@ -73,10 +84,18 @@ def build_services(config: ServerConfig) -> Services:
         before_training_step=policy.before_training_step,
         observer=metrics,
         layer_names=engine.layer_names,
+        chat_renderer=renderer,
+        base_special_tokens=lambda: special_tokens_of(engine.tokenizer) if engine.tokenizer else {},
     )
     watch_service(metrics, engine, jobs, GpuCollector(torch_memory=_torch_memory))
     return Services(
-        config=config, metrics=metrics, store=store, registry=registry, engine=engine, jobs=jobs
+        config=config,
+        metrics=metrics,
+        store=store,
+        registry=registry,
+        engine=engine,
+        jobs=jobs,
+        renderer=renderer,
     )
 
 
@@ -218,6 +237,8 @@ class RunningServer:
         if self.health_server is not None:  # answered NOT_SERVING while the main port drained
             await self.health_server.stop(0)
         await asyncio.to_thread(self.services.jobs.stop)
+        # After the jobs: one still rendering its rows stops there and is queued again.
+        await asyncio.to_thread(self.services.renderer.close)
         await asyncio.to_thread(self.services.engine.stop)
         http, thread = self._metrics_server
         http.shutdown()

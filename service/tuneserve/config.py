@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve import failpoints
+from tuneserve.data.chat_template import RenderLimits
 from tuneserve.errors import InvalidArgument, collect
 
 ENV_PREFIX = "TUNESERVE_"
@@ -114,6 +115,22 @@ class ServerConfig:
         "tokens, all callers are one), so one caller's burst cannot fill the whole queue.",
     )
     max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message accepted.")
+    chat_template_render_timeout_s: float = _opt(
+        2.0,
+        "A user's chat template renders in a worker process; one rendering (of one "
+        "conversation or a prefix of it) may take this long, or the request is refused.",
+    )
+    chat_template_max_output_bytes: int = _opt(
+        1024 * 1024, "Largest text one chat template rendering may produce, in bytes."
+    )
+    chat_template_max_memory_bytes: int = _opt(
+        256 * 1024 * 1024,
+        "Memory one chat template rendering may allocate, in bytes (above the worker "
+        "process's own size).",
+    )
+    chat_template_workers: int = _opt(
+        2, "Worker processes rendering chat templates at once; other renders wait for one."
+    )
     log_format: str = _opt("text", "Log format: text or json.")
     log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
     failpoints: str = _opt(
@@ -121,6 +138,16 @@ class ServerConfig:
         "Testing only: kill the process (SIGKILL) at named instants of a job's life, "
         "name[=n],... (the n-th hit); see tuneserve/failpoints.py. Empty: off.",
     )
+
+    def render_limits(self) -> RenderLimits:
+        """The bounds a user's chat template renders under (data/chat_template.py)."""
+        return RenderLimits(
+            render_timeout_s=self.chat_template_render_timeout_s,
+            check_timeout_s=max(5.0, self.chat_template_render_timeout_s),
+            max_output_bytes=self.chat_template_max_output_bytes,
+            max_memory_bytes=self.chat_template_max_memory_bytes,
+            workers=self.chat_template_workers,
+        )
 
     @property
     def db_path(self) -> Path:
@@ -166,6 +193,10 @@ class ServerConfig:
                     bad(name, f"{root} is not a directory")
         for name, message in _security_problems(self):
             bad(name, message)
+        if not self.chat_template_render_timeout_s > 0:
+            bad("chat_template_render_timeout_s", "must be positive")
+        if self.chat_template_max_memory_bytes < 16 * 1024 * 1024:
+            bad("chat_template_max_memory_bytes", "must be at least 16 MiB")
         if self.training_yield_s < 0:
             bad("training_yield_s", "must not be negative")
         for name in (
@@ -181,6 +212,8 @@ class ServerConfig:
             "max_queued_requests",
             "max_queued_jobs",
             "max_queued_jobs_per_caller",
+            "chat_template_max_output_bytes",
+            "chat_template_workers",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")

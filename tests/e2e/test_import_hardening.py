@@ -72,3 +72,33 @@ def test_poison_imports_and_damaged_entries_leave_list_adapters_working(
             client.get_adapter("broken")
         assert e.value.code == grpc.StatusCode.NOT_FOUND
         assert [a.id for a in client.list_adapters()] == ["good"]
+
+
+def test_imports_cannot_follow_links_out_of_the_roots_or_freeze_on_a_pattern(
+    tiny_gpt2: Path, tmp_path: Path, server_factory: Any
+) -> None:
+    imports, outside = tmp_path / "imports", tmp_path / "outside"
+    imports.mkdir()
+    server = server_factory(
+        make_config(tiny_gpt2, tmp_path / "data", adapter_import_roots=(imports,))
+    )
+    with TuneserveClient(server.target) as client:
+        # A directory inside the roots whose weights file links to one outside them.
+        save_adapter(tiny_gpt2, outside)
+        linked = imports / "linked"
+        linked.mkdir()
+        (linked / "adapter_config.json").write_text((outside / "adapter_config.json").read_text())
+        (linked / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+        with pytest.raises(ClientError) as e:
+            client.import_adapter(str(linked), "linked")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "outside the allowed adapter roots" in e.value.message
+
+        # A pattern that backtracks without end would hold the GIL in the server forever.
+        source = save_adapter(tiny_gpt2, imports / "runaway", alpha_pattern={r"(.*.*)*z": 8})
+        with pytest.raises(ClientError) as e:
+            client.import_adapter(str(source), "runaway", timeout=60)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "backtracking" in e.value.message
+        assert client.generate("hello", max_new_tokens=2, greedy=True).generated_tokens >= 1
+        assert client.list_adapters() == []

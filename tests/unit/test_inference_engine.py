@@ -61,7 +61,7 @@ def test_loading_and_classifying_run_on_threads_that_end(
         threads.append(threading.current_thread())
         return real_load(*args, **kwargs)
 
-    def classify(self: Classifier, *args: Any) -> list[Any]:
+    def classify(self: Classifier, *args: Any, **kwargs: Any) -> list[Any]:
         threads.append(threading.current_thread())
         return []
 

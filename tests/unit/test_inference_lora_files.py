@@ -299,3 +299,22 @@ def test_a_malformed_config_is_refused_when_serving_too(
         read_lora("x", adapter, base_model(tiny_gpt2))
     assert exc.value.field == "adapter_id"
     assert "adapter_config.json: lora_alpha is 'abc'" in exc.value.message
+
+
+def test_a_pattern_that_backtracks_without_end_is_refused_not_run_here() -> None:
+    """Python's re holds the GIL and cannot be interrupted: such a pattern matched in the
+    server would freeze it. It is matched in a child that is killed after the timeout."""
+    import time
+
+    from peft import LoraConfig
+
+    from tuneserve.inference.lora_files import ConfigError, check_patterns_finish
+
+    names = ["transformer.h.0.attn.c_attn_" + "a" * 30, "transformer.h.0.mlp.c_fc"]
+    check_patterns_finish(LoraConfig(r=4, alpha_pattern={"c_attn": 8}), names)  # fine
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="too long"):
+        check_patterns_finish(
+            LoraConfig(r=4, alpha_pattern={r"(\w|\w)*z": 8}), names, timeout_s=1.0
+        )
+    assert time.monotonic() - started < 5.0

@@ -23,11 +23,18 @@ from tuneserve.errors import AlreadyExists, InvalidArgument, NotFound, Unavailab
 from tuneserve.inference.adapters import (
     AdapterCache,
     check_servable,
+    imported_info,
     read_lora_config,
 )
 from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.kv_cache import check_batchable
-from tuneserve.inference.lora_files import read_lora
+from tuneserve.inference.lora_batch import base_layers
+from tuneserve.inference.lora_files import (
+    CONFIG_FILE,
+    ConfigError,
+    check_patterns_finish,
+    read_lora,
+)
 from tuneserve.inference.mailbox import LoopSink, Mailbox
 from tuneserve.inference.params import (
     GenerationChunk,
@@ -272,14 +279,20 @@ class Engine:
                 "path: no adapter_model.safetensors there (pickled .bin weights are refused)",
                 field="path",
             )
-        from tuneserve.inference.adapters import imported_info
-
         adapters = self._require_adapters()
         # The copies are what is checked and registered, not the source, which may change
         # meanwhile; nothing is visible in the registry until `register` renames them in.
         staging = self._registry.staging_dir()
         try:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
+                # Each file too: a link inside the directory must not lead out of the roots.
+                resolve_under_roots(
+                    str(source / name),
+                    self._config.adapter_import_roots,
+                    field="path",
+                    what="adapter",
+                    flag="--adapter-import-roots",
+                )
                 try:
                     shutil.copyfile(source / name, staging / name)
                 except OSError as e:
@@ -287,6 +300,10 @@ class Engine:
                         f"path: {name} cannot be copied ({e.strerror})", field="path"
                     ) from None
             config = read_lora_config(staging)
+            try:  # before any pattern is matched here, where a runaway one cannot be stopped
+                check_patterns_finish(config, [name for name, _ in base_layers(adapters.model)])
+            except ConfigError as e:
+                raise InvalidArgument(f"path: {CONFIG_FILE}: {e}", field="path") from None
             # The very check a load makes (lora_files.read_lora), on the thread that owns
             # the model: an adapter registered here is one Generate can load.
             layers: list[str] = []

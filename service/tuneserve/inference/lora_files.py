@@ -23,6 +23,9 @@ import dataclasses
 import json
 import math
 import re
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,7 @@ REFUSED = {
 # init_lora_weights values: these only choose the starting matrices...
 PLAIN_INITS = frozenset({True, False, "gaussian", "orthogonal", "eva", "nora", "mica"})
 # ...these also change the base model's weights, which this server serves unchanged.
+MAX_PATTERN_CHARS = 1024
 _BASE_CHANGING_INIT = re.compile(r"^(pissa.*|olora|corda|astra|lora_ga|loftq)$")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(embedding_)?([AB])(?:\.weight)?$")
@@ -256,7 +260,50 @@ def _check_names(key: str, value: object) -> None:
         raise ConfigError(f"{key} is {shown(value)}; it must be a name, a regex or a list of names")
 
 
+PATTERN_CHECK_TIMEOUT_S = 2.0
+_MATCH_ALL = """
+import json, re, sys
+keys, names = json.load(sys.stdin)
+for key in keys:
+    for name in names:
+        re.match(rf"(.*\\.)?({key})$", name)
+"""
+
+
+def check_patterns_finish(
+    config: LoraConfig, names: Sequence[str], *, timeout_s: float = PATTERN_CHECK_TIMEOUT_S
+) -> None:
+    """Match every rank_pattern and alpha_pattern key against every module name, as peft's
+    get_pattern_key will, in a plain Python child killed after `timeout_s`. Python's `re`
+    cannot be interrupted and holds the GIL: a catastrophically backtracking pattern (say
+    `(\\w|\\w)*z`) matched in the server would freeze all of it. (The `regex` engine
+    is no stand-in: it finishes such patterns quickly where `re` never does.)"""
+    keys = [*(config.rank_pattern or {}), *(config.alpha_pattern or {})]
+    if not keys:
+        return
+    try:
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _MATCH_ALL],
+            input=json.dumps([keys, list(names)]),
+            text=True,
+            capture_output=True,
+            timeout=timeout_s,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            "rank_pattern/alpha_pattern: a pattern takes too long to match the model's "
+            "module names (catastrophic backtracking)"
+        ) from None
+    except subprocess.CalledProcessError as e:
+        raise ConfigError(
+            f"rank_pattern/alpha_pattern: cannot be matched ({shown(e.stderr[-200:], 200)})"
+        ) from None
+
+
 def _check_regex(key: str, pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConfigError(f"{key}: a pattern of over {MAX_PATTERN_CHARS} characters")
     try:
         re.compile(rf"(.*\.)?({pattern})$")  # how peft matches pattern keys
     except re.error as e:

@@ -26,12 +26,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tuneserve import failpoints
+from tuneserve.data.chat_template import TemplateRenderer, shared_renderer
 from tuneserve.data.rows import (
     Row,
     read_jsonl,
@@ -185,6 +186,8 @@ class JobManager:
         before_training_step: Callable[[], None] = lambda: None,
         observer: JobObserver | None = None,
         layer_names: Callable[[], Sequence[str] | None] = lambda: None,
+        chat_renderer: TemplateRenderer | None = None,
+        base_special_tokens: Callable[[], Mapping[str, str]] = lambda: {},
     ) -> None:
         self._store = store
         self._registry = registry
@@ -198,6 +201,8 @@ class JobManager:
         self._before_training_step = before_training_step
         self._observer: JobObserver = observer or _NoObserver()
         self._layer_names = layer_names
+        self._chat_renderer = chat_renderer or shared_renderer()
+        self._base_special_tokens = base_special_tokens
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: Job | None = None
@@ -551,7 +556,7 @@ class JobManager:
         """The adapter this very job published, if it did (a crash after publishing)."""
         try:
             info = self._registry.get(job.spec.adapter_id)
-        except NotFound:
+        except (NotFound, FailedPrecondition):  # none, or a damaged entry: not this job's
             return None
         return info if info.source_job_id == job.id else None
 
@@ -713,21 +718,11 @@ class JobManager:
                 field="chat_template",
             )
         if template:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            try:
-                # As transformers compiles chat templates (loop controls included).
-                env = ImmutableSandboxedEnvironment(
-                    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-                )
-                env.from_string(template).render(
-                    messages=messages, add_generation_prompt=False, bos_token="", eos_token=""
-                )
-            except TemplateError as e:
-                raise InvalidArgument(
-                    f"chat_template: does not render: {e}", field="chat_template"
-                ) from None
+            # Rendered in a worker process under time, memory and output bounds, as
+            # transformers renders it: a template is a program, never run on our threads.
+            self._chat_renderer.check(
+                template, messages, special_tokens=self._base_special_tokens()
+            )
 
     def _labels(
         self,

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, get_scheduler
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from tuneserve.data.chat_template import RenderCancelled, RendererClosed
+from tuneserve.data.chat_template import RenderCancelled, RendererClosed, TemplateRenderer
 from tuneserve.data.examples import (
     Example,
     collate,
@@ -69,6 +69,7 @@ def train_lora(
     validation_rows: Sequence[Row] = (),
     parent_adapter_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
+    chat_renderer: TemplateRenderer | None = None,
 ) -> TrainResult:
     tr, lora = spec.training, spec.lora
     device = next(model.parameters()).device
@@ -91,6 +92,7 @@ def train_lora(
                     chat_template=spec.chat_template or None,
                     max_seq_length=max_len,
                     mask_prompt=tr.loss_on == "completion",
+                    renderer=chat_renderer,
                     should_stop=should_stop,
                 )
             except (RenderCancelled, RendererClosed):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tuneserve.data.chat_template import TemplateRenderer
 from tuneserve.data.rows import Row
 from tuneserve.jobs.model import JobSpec, Progress, Task
 from tuneserve.models import load_classifier, load_model, load_tokenizer
@@ -21,8 +22,16 @@ from tuneserve.training.recipe import TrainResult, train_lora
 
 
 class LoraTrainer:
-    def __init__(self, *, base_model: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        chat_renderer: TemplateRenderer | None = None,
+    ) -> None:
         self.base_model = base_model
+        self.chat_renderer = chat_renderer  # None: the process's shared one
         self.device = device
         # LoRA weights train in float32 (peft upcasts them); the frozen base may be half.
         self.dtype = dtype
@@ -63,6 +72,7 @@ class LoraTrainer:
                 validation_rows=validation_rows,
                 parent_adapter_dir=parent_adapter_dir,
                 checkpoint_dir=checkpoint_dir,
+                chat_renderer=self.chat_renderer,
             )
         finally:
             del model
