@@ -1134,3 +1134,13 @@ def test_a_failed_bookkeeping_write_does_not_stop_the_worker(env: Env) -> None:
     again = env.manager(start=True)
     assert wait_state(again, first.id, JobState.SUCCEEDED).error is None
     assert len(env.trainer.calls) == 2  # not trained a second time
+
+
+def test_an_oversized_chat_template_is_refused_before_it_is_rendered(env: Env) -> None:
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
+    with pytest.raises(InvalidArgument) as info:
+        env.manager().submit(request("big", rows=chat, chat_template="{{ 'x' }}" * 100_000))
+    assert info.value.field == "chat_template"
+    assert "limit" in info.value.message

@@ -69,6 +69,7 @@ from tuneserve.torch_threads import run_in_own_thread
 log = logging.getLogger(__name__)
 
 PERSIST_EVERY_S = 1.0  # the job row; loss points are written every step
+MAX_CHAT_TEMPLATE_CHARS = 256 * 1024  # real ones are a few kB
 WORKER_RETRY_S = 1.0  # after a failed bookkeeping write, before the next job
 
 
@@ -715,6 +716,12 @@ class JobManager:
         if not template and not self._base_chat_template():
             raise InvalidArgument(
                 "chat_template: the base model's tokenizer has no chat template; give one",
+                field="chat_template",
+            )
+        if len(template) > MAX_CHAT_TEMPLATE_CHARS:
+            raise InvalidArgument(
+                f"chat_template: {len(template)} characters is over the limit of "
+                f"{MAX_CHAT_TEMPLATE_CHARS}",
                 field="chat_template",
             )
         if template:
