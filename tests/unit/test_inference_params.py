@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from tuneserve.errors import InvalidArgument, InvalidArguments
@@ -58,6 +60,17 @@ def test_temperature_zero_means_greedy() -> None:
         (SamplingParams(no_repeat_ngram_size=-1), "parameters.no_repeat_ngram_size"),
         (SamplingParams(seed=-1), "parameters.seed"),
         (SamplingParams(seed=2**63), "parameters.seed"),
+        # numbers that overflow the scores, and floats that are not numbers (issue 18)
+        (SamplingParams(temperature=1e-40), "parameters.temperature"),
+        (SamplingParams(temperature=0.005), "parameters.temperature"),
+        (SamplingParams(temperature=float("inf")), "parameters.temperature"),
+        (SamplingParams(greedy=True, temperature=float("nan")), "parameters.temperature"),
+        (SamplingParams(repetition_penalty=1e-40), "parameters.repetition_penalty"),
+        (SamplingParams(repetition_penalty=float("nan")), "parameters.repetition_penalty"),
+        (SamplingParams(repetition_penalty=float("inf")), "parameters.repetition_penalty"),
+        (SamplingParams(top_p=float("nan")), "parameters.top_p"),
+        (SamplingParams(top_p=float("-inf")), "parameters.top_p"),
+        (SamplingParams(seed=2**64 - 1), "parameters.seed"),
         (SamplingParams(stop=("a",) * 17), "parameters.stop"),
         (SamplingParams(stop=("ok", "")), "parameters.stop[1]"),
         (SamplingParams(stop=("x" * 257,)), "parameters.stop[0]"),
@@ -87,3 +100,35 @@ def test_every_bad_field_is_reported_at_once() -> None:
 def test_limits_are_inclusive() -> None:
     out = resolve(SamplingParams(max_new_tokens=256, temperature=100, top_p=1.0, seed=2**63 - 1))
     assert out.max_new_tokens == 256
+    low = resolve(SamplingParams(temperature=0.01, repetition_penalty=0.01, seed=0))
+    assert (low.temperature, low.repetition_penalty, low.greedy) == (0.01, 0.01, False)
+    assert resolve(SamplingParams(repetition_penalty=100)).repetition_penalty == 100
+
+
+def test_the_floors_sent_as_float32_are_accepted() -> None:
+    """The API's temperature and repetition_penalty are float32: 0.01 arrives as
+    0.0099999998, a hair under the floor it is."""
+    (floor,) = struct.unpack("f", struct.pack("f", 0.01))
+    assert floor < 0.01
+    out = resolve(SamplingParams(temperature=floor, repetition_penalty=floor))
+    assert (out.temperature, out.repetition_penalty) == (floor, floor)
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        (SamplingParams(seed=2**64 - 1), "is not between 0 and 2**63-1 (9223372036854775807)"),
+        (SamplingParams(seed=-1), "is not between 0 and 2**63-1"),
+        (SamplingParams(temperature=1e-40), "for greedy decoding use 0"),
+        (SamplingParams(temperature=float("nan")), "nan is not a finite number"),
+        (SamplingParams(repetition_penalty=1e-40), "is not in [0.01, 100]"),
+        (SamplingParams(repetition_penalty=float("inf")), "inf is not a finite number"),
+        (SamplingParams(max_new_tokens=-1), "-1 is negative"),
+    ],
+)
+def test_a_refusal_states_the_range_or_what_is_wrong(params: SamplingParams, says: str) -> None:
+    """The message tells the caller what to send instead: the seed's range (the API's
+    field is a uint64, half of which is refused), the way to greedy decoding."""
+    with pytest.raises(InvalidArgument) as info:
+        resolve(params)
+    assert says in info.value.message
