@@ -4,6 +4,7 @@ bounded; cancel, stop sequences, length and EOS end a request; errors reach the 
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -18,8 +19,15 @@ import torch
 from peft import PeftModel
 
 from tests.support import greedy_reference
-from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tuneserve.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TuneserveError,
+)
 from tuneserve.inference.adapters import AdapterCache
+from tuneserve.inference.lora_batch import LoraPair
 from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams, resolve_params
 from tuneserve.inference.scheduler import Request, Scheduler
 from tuneserve.models import load_model, load_tokenizer
@@ -546,3 +554,172 @@ def test_a_failed_admission_releases_each_adapter_use_once(
     running.cancelled.set()
     assert result(running).last.finish_reason is FinishReason.CANCELLED
     assert scheduler.call(lambda: cache.drop("a1")) is True
+
+
+# --- one request's numbers go wrong: it fails alone
+
+
+def poison(cache: AdapterCache, adapter_id: str) -> None:
+    """Load `adapter_id` and make its scaling infinite, as an adapter saved with
+    lora_alpha=inf would have: every layer it adapts then puts inf and NaN in its rows'
+    hidden states, keys, values and logits. Written into the loaded slot, so it does not
+    depend on what loading an adapter checks. Run on the scheduler's thread."""
+    assert cache.ensure(adapter_id)
+    lora = cache._lora
+    slot = lora._slots[adapter_id]
+    for layer in lora._layers.values():
+        rank = layer.ranks.get(slot)
+        if rank:
+            a = layer.lora_a[slot, :rank].clone()
+            b = layer.lora_b[slot, :rank].T.clone()  # back to peft's [out, r]
+            layer.put(slot, LoraPair(a=a, b=b, scaling=math.inf))
+
+
+def unchecked(tokenizer: Any, prompt: str, adapter_id: str = "", **params: Any) -> Request:
+    """A request whose parameters never went through resolve_params: the scheduler must
+    not rely on the checks made before it."""
+    sampling = SamplingParams(max_new_tokens=12, seed=7, **params)
+    return Request(tokenizer(prompt)["input_ids"], sampling, adapter_id)
+
+
+def failure(req: Request) -> BaseException:
+    """The error that ends `req` (after any chunks it streamed first)."""
+    while True:
+        item = req.out.get(timeout=TIMEOUT_S)
+        if isinstance(item, BaseException):
+            return item
+        assert item.finish_reason is None, f"it finished with {item.finish_reason}"
+
+
+def solo_tokens(reference: Callable[..., list[int]], tokenizer: Any, req: Request) -> list[int]:
+    """What `req` generates alone (greedy, with plain peft), up to its end of sequence."""
+    tokens = reference(req.adapter_id, req.prompt_ids, req.params.max_new_tokens)
+    eos = tokenizer.eos_token_id
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize(
+    ("cause", "error", "named"),
+    [
+        ("adapter, greedy", FailedPrecondition, "'a2'"),
+        ("adapter, sampled", FailedPrecondition, "'a2'"),
+        ("temperature 1e-40", InvalidArgument, "temperature=1e-40"),
+        ("repetition_penalty 1e-40", InvalidArgument, "repetition_penalty=1e-40"),
+    ],
+)
+def test_a_request_whose_scores_are_not_finite_fails_alone_at_prefill(
+    make_scheduler: Callable[..., Scheduler],
+    tiny_gpt2: Path,
+    registry: AdapterRegistry,
+    tokenizer: Any,
+    reference: Callable[..., list[int]],
+    cause: str,
+    error: type[TuneserveError],
+    named: str,
+) -> None:
+    """Admitted with innocent requests (one prefill): the bad one ends with a typed error
+    that says what is wrong; the others get exactly what they get alone."""
+    cache = cache_for(tiny_gpt2, registry)
+    scheduler = make_scheduler(adapters=cache)
+    sampled = request(tokenizer, PROMPTS[1], temperature=1.0, top_k=50, seed=1234)
+    sampled_alone = alone(scheduler, sampled).text
+    bad = {
+        "adapter, greedy": lambda: request(tokenizer, PROMPTS[2], "a2"),
+        "adapter, sampled": lambda: request(tokenizer, PROMPTS[2], "a2", temperature=1.0, seed=5),
+        "temperature 1e-40": lambda: unchecked(tokenizer, PROMPTS[2], temperature=1e-40),
+        "repetition_penalty 1e-40": lambda: unchecked(
+            tokenizer, PROMPTS[0], greedy=True, repetition_penalty=1e-40
+        ),
+    }[cause]()
+    if bad.adapter_id:
+        scheduler.call(lambda: poison(cache, "a2"))
+    innocents = [
+        request(tokenizer, PROMPTS[0]),
+        request(tokenizer, PROMPTS[1], "a1"),
+        request(tokenizer, PROMPTS[1], temperature=1.0, top_k=50, seed=1234),
+        request(tokenizer, PROMPTS[3]),
+    ]
+    with paused(scheduler):
+        for req in [*innocents[:2], bad, *innocents[2:]]:
+            scheduler.submit(req)
+
+    got = failure(bad)
+    assert isinstance(got, error)
+    assert isinstance(got, TuneserveError)  # for mypy: `error` is one
+    assert "not finite (NaN or infinity)" in got.message
+    assert named in got.message
+    assert got.field == ("adapter_id" if bad.adapter_id else "parameters")
+    assert bad.generated == []  # it failed on its first token
+    results = [result(req) for req in innocents]
+    assert scheduler.stats.peak_running == len(innocents)  # they decoded in one batch
+    assert results[2].text == sampled_alone
+    for req in (innocents[0], innocents[1], innocents[3]):
+        assert req.generated == solo_tokens(reference, tokenizer, req)
+    # the scheduler goes on serving, and the bad request gave back its adapter
+    assert alone(scheduler, request(tokenizer, PROMPTS[4], "a1")).last.finish_reason is not None
+    wait_until(lambda: not scheduler.busy)
+    if bad.adapter_id:
+        assert scheduler.call(lambda: cache.drop("a2")) is True
+
+
+def test_a_request_whose_scores_turn_non_finite_in_a_step_fails_alone(
+    make_scheduler: Callable[..., Scheduler],
+    tiny_gpt2: Path,
+    registry: AdapterRegistry,
+    tokenizer: Any,
+    reference: Callable[..., list[int]],
+) -> None:
+    """A sampled row whose adapter turns to inf while it decodes beside innocent rows ends
+    with a typed error at that step; the innocents keep decoding their own tokens. Its
+    last step wrote NaN keys and values into its cache row; a newcomer that joins into
+    that row once the batch has grown past them has them under its left padding (masked,
+    but 0 times NaN is NaN unless the padding is zeroed), and still gets exactly what it
+    gets alone."""
+    cache = cache_for(tiny_gpt2, registry)
+    scheduler = make_scheduler(adapters=cache)
+    innocents = [
+        request(tokenizer, PROMPTS[0], max_new_tokens=200),
+        request(tokenizer, PROMPTS[1], "a1", max_new_tokens=200),
+    ]
+    victim = request(tokenizer, PROMPTS[3], "a2", temperature=1.0, top_k=50, max_new_tokens=450)
+    newcomer = request(tokenizer, PROMPTS[2], max_new_tokens=30)
+    steps_since_victim = 0
+    rows_at_join: list[int] = []  # the batch's rows when the newcomer was submitted
+    step = scheduler._step
+
+    def step_then_join() -> None:
+        """On the decode thread, so the newcomer joins after an exact number of steps: one
+        more than its prompt's length after the victim's last, when the NaN column lies
+        under its padding."""
+        nonlocal steps_since_victim
+        step()
+        if victim.finished and not rows_at_join:
+            steps_since_victim += 1
+            if steps_since_victim > len(newcomer.prompt_ids):
+                rows_at_join.append(len(scheduler._batch))
+                scheduler.submit(newcomer)
+
+    def poison_while_running() -> int:
+        scheduler._step = step_then_join  # type: ignore[method-assign]
+        poison(cache, "a2")
+        return len(scheduler._batch)
+
+    with paused(scheduler):
+        for req in [*innocents, victim]:  # the victim last: no other row moves into its row
+            scheduler.submit(req)
+    wait_until(lambda: scheduler.stats.steps >= 2)
+    assert scheduler.call(poison_while_running) == 3
+    got = failure(victim)
+    assert isinstance(got, FailedPrecondition)
+    assert got.field == "adapter_id"
+    assert "not finite (NaN or infinity)" in got.message
+    assert victim.generated  # it decoded fine before its adapter went bad
+
+    result(newcomer)
+    assert rows_at_join == [2]  # it joined the innocents, into the victim's row
+    assert newcomer.generated == solo_tokens(reference, tokenizer, newcomer)
+    for req in innocents:
+        result(req)
+        assert req.generated == solo_tokens(reference, tokenizer, req)
+    wait_until(lambda: not scheduler.busy)
+    assert scheduler.call(lambda: cache.drop("a2")) is True  # its use was given back

@@ -13,6 +13,13 @@ Policy, in the order the loop applies it each step:
 3. One decoding step for the whole batch; each row samples with its own parameters and
    seeded generator, its text is streamed at once, and rows that finished, were cancelled
    or whose caller went away leave the batch and free their memory.
+A row whose numbers go wrong fails alone: scores that are not finite (an adapter with an
+infinite scaling, a temperature or repetition penalty that overflows them) or a sampling
+step that raises end that request with a typed error, at prefill or at any step, and the
+rows beside it get their tokens as if it had never been there. Rows never mix in a forward
+(each attends to its own cache row, through its own adapter), and a row that leaves has its
+cache room overwritten or zeroed before another row uses it (kv_cache.GrowingLayer), so its
+NaN cannot reach them later either. Only a forward that raises fails every row in it.
 The waiting queue is bounded: past `max_queue` a request is refused (RESOURCE_EXHAUSTED with
 a retry hint) rather than queued without end.
 
@@ -31,8 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
-from transformers import PreTrainedTokenizerBase as Tokenizer
-from transformers.generation.logits_process import (
+from transformers import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -40,8 +46,9 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from tuneserve.errors import ResourceExhausted, TuneserveError
+from tuneserve.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TuneserveError
 from tuneserve.inference.adapters import AdapterCache
 from tuneserve.inference.batch import DecodeBatch
 from tuneserve.inference.detokenize import IncrementalDecoder
@@ -52,6 +59,8 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 IDLE_WAIT_S = 0.05
+# What sampling gives a row: its next token, or the error that ends it alone.
+Sampled = int | Exception
 
 
 class Sink(Protocol):
@@ -293,10 +302,15 @@ class Scheduler:
             logits_to_keep=1,  # only the last position's logits are sampled
             adapters=[r.adapter_id for r in requests],
         )
-        tokens = self._sample_batch(requests, out.logits[:, -1])
-        keep = [
-            i for i, (r, t) in enumerate(zip(requests, tokens, strict=True)) if not self._emit(r, t)
-        ]
+        sampled = self._sample_batch(requests, out.logits[:, -1])
+        keep: list[int] = []
+        tokens: list[int] = []
+        for i, (request, token) in enumerate(zip(requests, sampled, strict=True)):
+            if isinstance(token, Exception):
+                self._end(request, error=token)
+            elif not self._emit(request, token):
+                keep.append(i)
+                tokens.append(token)
         if not keep:
             return
         cache = out.past_key_values
@@ -307,7 +321,7 @@ class Scheduler:
             cache,
             width=width,
             pads=[pads[i] for i in keep],
-            next_tokens=[tokens[i] for i in keep],
+            next_tokens=tokens,
         )
 
     @torch.inference_mode()
@@ -315,13 +329,17 @@ class Scheduler:
         slots = self._batch.slots
         inputs = self._batch.inputs(self._device)
         logits = self._forward(**inputs, adapters=[s.owner.adapter_id for s in slots]).logits
-        tokens = self._sample_batch([s.owner for s in slots], logits[:, -1])
-        self._batch.advanced(tokens)
+        sampled = self._sample_batch([s.owner for s in slots], logits[:, -1])
+        # A failed row feeds the pad token: it leaves the batch below, before any step.
+        self._batch.advanced([t if isinstance(t, int) else self._pad for t in sampled])
         done = set()
-        for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+        for i, (slot, token) in enumerate(zip(slots, sampled, strict=True)):
             request = slot.owner
             if request.cancelled.is_set():
                 self._finish(request, "", FinishReason.CANCELLED)
+                done.add(i)
+            elif isinstance(token, Exception):
+                self._end(request, error=token)
                 done.add(i)
             elif self._emit(request, token):
                 done.add(i)
@@ -333,28 +351,47 @@ class Scheduler:
     def _forward(self, *, adapters: list[str], **inputs: Any) -> Any:
         return self._adapters.forward(adapters, **inputs)
 
-    def _sample_batch(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """Plain greedy rows take one argmax together; the rest sample one by one."""
-        tokens = [0] * len(requests)
-        plain = [i for i, r in enumerate(requests) if r.params.is_greedy and not r.processors]
-        if plain:
-            index = torch.tensor(plain, device=logits.device)
-            for i, token in zip(
-                plain, logits.index_select(0, index).argmax(-1).tolist(), strict=True
-            ):
-                tokens[i] = int(token)
-        chosen = set(plain)
+    def _sample_batch(self, requests: list[Request], logits: torch.Tensor) -> list[Sampled]:
+        """Each row's next token, or the error that ends that row alone.
+
+        One argmax over every row is both the plain greedy rows' tokens and the check of
+        every row: argmax takes NaN for the largest value, so a row's maximum is finite
+        exactly when it holds no NaN, no +inf and something above -inf (which top-k and
+        masks use to remove a token), the rows softmax and every processor can take. Tokens
+        and verdicts come back in one device sync. A row that fails the check gets an
+        error, not the token argmax happened to pick, and never reaches multinomial (which
+        raises on the CPU, and on a GPU may trip a device-side assert that ends the
+        process). The other rows sample one by one, each catching its own failure."""
+        picks = logits.argmax(-1)
+        top = logits.gather(-1, picks[:, None])[:, 0]
+        finite, tokens = torch.stack([torch.isfinite(top).long(), picks]).tolist()
+        sampled: list[Sampled] = []
         for i, request in enumerate(requests):
-            if i not in chosen:
-                tokens[i] = self._sample(request, logits[i])
-        return tokens
+            if not finite[i]:
+                sampled.append(_not_finite_logits(request))
+            elif request.params.is_greedy and not request.processors:
+                sampled.append(int(tokens[i]))
+            else:
+                try:
+                    sampled.append(self._sample(request, logits[i]))
+                except TuneserveError as e:
+                    sampled.append(e)
+                except Exception as e:  # a bug in one row's sampling fails that row only
+                    log.exception("sampling failed for one request")
+                    sampled.append(e)
+        return sampled
 
     def _sample(self, request: Request, logits: torch.Tensor) -> int:
+        """One row's token from its finite logits, through its processors."""
         assert request.processors is not None
         scores = logits[None].float()
         if request.processors:  # penalties look at the whole history
             history = torch.tensor([request.history], device=logits.device)
             scores = request.processors(history, scores)  # type: ignore[arg-type]
+            # -inf is how top-k, top-p and n-gram bans remove a token; NaN, +inf or nothing
+            # left above -inf means the processors overflowed: the maximum is finite else.
+            if not bool(torch.isfinite(scores.max())):
+                raise _not_finite_scores(request)
         if request.params.is_greedy:
             return int(scores.argmax(dim=-1))
         probs = torch.softmax(scores, dim=-1)
@@ -422,6 +459,35 @@ class Scheduler:
             seed=request.params.seed or 0,
             finish_reason=reason,
         )
+
+
+def _not_finite_logits(request: Request) -> FailedPrecondition:
+    """The model's own scores for this row are NaN or infinite: its adapter (or the base
+    model, for this prompt) is broken, whatever the sampling parameters."""
+    where = f"at generated token {len(request.generated) + 1}"
+    if request.adapter_id:
+        return FailedPrecondition(
+            f"the scores for this request are not finite (NaN or infinity) {where}: adapter "
+            f"{request.adapter_id!r} produces them (its weights or its scaling, lora_alpha, "
+            "overflow); retrain or re-export it, or use another adapter",
+            field="adapter_id",
+        )
+    return FailedPrecondition(
+        f"the scores for this request are not finite (NaN or infinity) {where}: the base "
+        "model produces them for this prompt"
+    )
+
+
+def _not_finite_scores(request: Request) -> InvalidArgument:
+    """The model's scores were finite; the sampling parameters made them overflow."""
+    p = request.params
+    return InvalidArgument(
+        f"the scores for this request are not finite (NaN or infinity) at generated token "
+        f"{len(request.generated) + 1} after its sampling parameters were applied "
+        f"(temperature={p.temperature!r}, repetition_penalty={p.repetition_penalty!r}): "
+        "use a larger temperature (0 for greedy decoding) or a repetition_penalty nearer 1",
+        field="parameters",
+    )
 
 
 def _processors(params: SamplingParams) -> LogitsProcessorList:
