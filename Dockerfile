@@ -18,8 +18,6 @@ FROM cuda AS builder
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-# Generates the protobuf code only; it never reaches the final image.
-ARG GRPCIO_TOOLS_VERSION=1.85.1
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -34,17 +32,22 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-# torch first: the biggest and slowest layer changes only when TORCH_VERSION does.
+# torch first, on its own from the CUDA index: the biggest and slowest layer changes only
+# when TORCH_VERSION does. constraints.txt leaves torch out, so the two never disagree.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/tuneserve \
     && /opt/tuneserve/bin/pip install --upgrade pip \
     && /opt/tuneserve/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
+WORKDIR /src
+# The tested ranges of every other dependency, the same file `make setup` and CI install
+# with; it pins the protobuf generator too (at the grpcio floor).
+COPY constraints.txt ./
+# Generates the protobuf code only; it never reaches the final image.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/protoc \
-    && /opt/protoc/bin/pip install "grpcio-tools==${GRPCIO_TOOLS_VERSION}"
+    && /opt/protoc/bin/pip install -c constraints.txt grpcio-tools
 
-WORKDIR /src
 COPY proto/ proto/
 COPY clients/python/ clients/python/
 # The same as `make proto`: the client package owns the generated code; protoc names the
@@ -58,10 +61,11 @@ RUN mkdir -p build/proto/tuneserve_client/v1 clients/python/src/tuneserve_client
 
 COPY pyproject.toml README.md ./
 COPY service/ service/
-# Non-editable, runtime dependencies only (no dev extras). pip keeps the CUDA torch
-# installed above: it satisfies peft's and transformers' torch requirement.
+# Non-editable, runtime dependencies only (no dev extras), within the tested ranges. pip
+# keeps the CUDA torch installed above: it satisfies peft's and transformers' torch
+# requirement.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/tuneserve/bin/pip install ./clients/python . \
+    /opt/tuneserve/bin/pip install -c constraints.txt ./clients/python . \
     && /opt/tuneserve/bin/pip check \
     && /opt/tuneserve/bin/python -c "import torch, tuneserve.cli, tuneserve_client.v1.tuneserve_pb2_grpc; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

@@ -9,16 +9,19 @@ TORCH_SPEC ?= torch==2.13.0
 CLIENT_SRC := clients/python/src
 PROTO_OUT := $(CLIENT_SRC)/tuneserve_client/v1
 PY_SOURCES := $(wildcard service clients/python/src tests examples bench)
+# The tested range of every dependency (constraints.txt): every install here, CI's and the
+# Dockerfile's go through it. A fresh venv resolves to the newest versions it allows.
+CONSTRAINTS := constraints.txt
 
-.PHONY: setup proto demo test unit lint fmt serve clean bench
+.PHONY: setup proto demo test unit lint fmt serve clean bench test-floor
 
 setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py clients/node/node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e clients/python -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e clients/python -e ".[dev]"
 	touch $@
 
 # The Node.js client example (clients/node), installed from its lock file once. Machines
@@ -42,6 +45,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 lint: setup
+	$(PY) .ci/constraints.py check $(CONSTRAINTS) pyproject.toml
 	cd proto && ../$(BIN)/buf lint
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
@@ -51,8 +55,37 @@ fmt: setup
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
 
-test: lint deploy-lint
+test: lint deploy-lint test-floor
 	$(BIN)/pytest -q
+
+# The floor end of constraints.txt (.venv is the ceiling end): a venv with every runtime
+# dependency at the lowest version its range allows, running the tests that lean on their
+# internals (transformers' cache layers and masks, peft's adapters and keys, chat templates,
+# the gRPC health, reflection and status packages). Rebuilt from scratch when a range moves.
+FLOOR_VENV := build/venv-floor
+FLOOR_TESTS := tests/unit/test_inference_kv_cache.py tests/unit/test_inference_batch.py \
+	tests/unit/test_inference_scheduler.py tests/unit/test_inference_lora_batch.py \
+	tests/unit/test_inference_lora_files.py tests/unit/test_inference_adapters.py \
+	tests/unit/test_inference_engine.py tests/unit/test_training_checkpoints.py \
+	tests/unit/test_data_examples.py tests/unit/test_data_chat_template.py \
+	tests/unit/test_metrics.py tests/e2e/test_service.py
+
+test-floor: $(FLOOR_VENV)/.installed $(PROTO_OUT)/__init__.py
+	$(FLOOR_VENV)/bin/python -m pip list --format=freeze | grep -iE \
+		'^(transformers|peft|tokenizers|safetensors|grpcio[a-z-]*|protobuf|jinja2)=='
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
+$(FLOOR_VENV)/.installed: $(CONSTRAINTS) .ci/constraints.py pyproject.toml \
+		clients/python/pyproject.toml
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python .ci/constraints.py floors $(CONSTRAINTS) >$(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) -c $(FLOOR_VENV)/floors.txt \
+		"$(TORCH_SPEC)"
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) -c $(FLOOR_VENV)/floors.txt \
+		-e clients/python -e . pytest pytest-asyncio pytest-timeout
+	touch $@
 
 # The image and the manifests: hadolint, kustomize renders, kubernetes-validate, checkov
 # (.ci/check-deploy.sh). The tools live in their own venv; kubectl comes from PATH.

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from tuneserve.api.security import BearerTokenInterceptor
@@ -24,7 +24,7 @@ class Health:
     """The grpc.health.v1 status of the whole server ("") and of our service."""
 
     def __init__(self) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = health_aio.HealthServicer()
 
     async def set(self, serving: bool) -> None:
         status = (
