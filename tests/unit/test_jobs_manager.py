@@ -1031,7 +1031,15 @@ def test_a_job_killed_after_publishing_is_finished_on_restart_not_trained_again(
         dataset_rows=2,
     ).validate()
     write_snapshot(ROWS, env.tmp / "datasets" / "j-pub.jsonl")
-    env.store.insert(Job(id="j-pub", spec=spec, state=JobState.RUNNING, attempts=1))
+    env.store.insert(
+        Job(
+            id="j-pub",
+            spec=spec,
+            state=JobState.RUNNING,
+            attempts=1,
+            progress=Progress(step=3, total_steps=3),  # written before publishing
+        )
+    )
     curve = [LossPoint(step=s, epoch=s / 3, loss=1.0 / s) for s in (1, 2, 3)]
     env.store.add_loss_points("j-pub", curve)
     register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
@@ -1144,3 +1152,60 @@ def test_an_oversized_chat_template_is_refused_before_it_is_rendered(env: Env) -
         env.manager().submit(request("big", rows=chat, chat_template="{{ 'x' }}" * 100_000))
     assert info.value.field == "chat_template"
     assert "limit" in info.value.message
+
+
+def test_final_progress_and_samples_are_stored_before_the_adapter_is_published(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So a crash between publishing and SUCCEEDED loses none of what a normal end shows."""
+    samples = ({"prompt": "Q: hi", "reference": "A: hello", "generated": "A: yo"},)
+    real_call = env.trainer.__class__.__call__
+
+    def with_samples(self: FakeTrainer, **kw: Any) -> FakeResult:
+        result = real_call(self, **kw)
+        result.samples = samples
+        return result
+
+    monkeypatch.setattr(FakeTrainer, "__call__", with_samples)
+    seen: list[Job | None] = []
+    register = env.registry.register
+
+    def spy(staging: Path, info: AdapterInfo) -> AdapterInfo:
+        seen.append(env.store.get(info.source_job_id))
+        return register(staging, info)
+
+    monkeypatch.setattr(env.registry, "register", spy)
+    m = env.manager(start=True)
+    job = m.submit(request("vader"))
+    wait_state(m, job.id, JobState.SUCCEEDED)
+    stored = seen[0]
+    assert stored is not None and stored.state is JobState.RUNNING
+    assert stored.samples == list(samples)
+    assert (stored.progress.step, stored.progress.total_steps) == (3, 3)
+
+
+def test_a_published_job_is_finished_at_start_with_its_stored_progress(env: Env) -> None:
+    spec = JobSpec(
+        base_model="tiny-base",
+        adapter_id="published",
+        dataset_format=DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=2,
+    ).validate()
+    progress = Progress(step=3, total_steps=3, epoch=1.0, loss=0.3, eval_loss=0.7, eval_step=3)
+    samples = [{"prompt": "p", "reference": "r", "generated": "g"}]
+    env.store.insert(
+        Job(
+            id="j-pub",
+            spec=spec,
+            state=JobState.RUNNING,
+            attempts=1,
+            progress=progress,
+            samples=samples,
+        )
+    )
+    register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
+    m = env.manager(start=True)
+    done = wait_state(m, "j-pub", JobState.SUCCEEDED)
+    assert done.progress == progress  # not reset, not rebuilt from the adapter
+    assert done.samples == samples
+    assert env.trainer.calls == []

@@ -217,7 +217,13 @@ class JobManager:
     def start(self) -> None:
         """Recover jobs left by the last process and start the worker."""
         for job in self._store.in_states(JobState.RUNNING):
-            if job.attempts >= self._limits.max_job_attempts:
+            if (published := self._published_by(job)) is not None:
+                # Killed after publishing, before SUCCEEDED was written: the job is done,
+                # and its row already holds its final progress and samples (see `_run`).
+                log.info("job %s had published adapter %s; finishing it", job.id, published.id)
+                self._finish(job, JobState.SUCCEEDED, None)
+                self._on_registered(published)
+            elif job.attempts >= self._limits.max_job_attempts:
                 log.warning("job %s was interrupted %d times; failing it", job.id, job.attempts)
                 self._finish(
                     job,
@@ -496,6 +502,11 @@ class JobManager:
                 parent_adapter_dir=self._registry.path(parent) if parent else None,
                 checkpoint_dir=self._checkpoint_dir(job.id),
             )
+            # The final progress and samples are written before the adapter is published,
+            # so a crash between the two loses nothing a normal end would have kept.
+            with self._cond:
+                job.samples = list(result.samples)
+                self._store.update(job)
             info = self._registry.register(
                 staging,
                 AdapterInfo(
@@ -517,7 +528,6 @@ class JobManager:
                 ),
             )
             failpoints.hit("job.published")
-            job.samples = list(result.samples)
         except StopTraining:
             if self._cancel_running:
                 self._finish(job, JobState.CANCELLED, None)
