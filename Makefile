@@ -13,7 +13,7 @@ PY_SOURCES := $(wildcard service clients/python/src tests examples bench)
 # Dockerfile's go through it. A fresh venv resolves to the newest versions it allows.
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup proto demo test unit lint fmt serve clean bench test-floor
+.PHONY: setup proto demo test test-quick unit lint fmt serve clean bench test-floor
 
 setup: $(VENV)/.installed $(PROTO_OUT)/__init__.py clients/node/node_modules/.installed
 
@@ -45,7 +45,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 lint: setup
-	$(PY) .ci/constraints.py check $(CONSTRAINTS) pyproject.toml
+	$(PY) .ci/constraints.py check $(CONSTRAINTS) pyproject.toml clients/python/pyproject.toml
 	cd proto && ../$(BIN)/buf lint
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
@@ -57,6 +57,11 @@ fmt: setup
 
 test: lint deploy-lint test-floor
 	$(BIN)/pytest -q
+
+# The edit loop: every test but the slow scenarios (crash windows, the API fuzz test), which
+# `make test` and CI run.
+test-quick: setup
+	$(BIN)/pytest -q -m "not slow"
 
 # The floor end of constraints.txt (.venv is the ceiling end): a venv with every runtime
 # dependency at the lowest version its range allows, running the tests that lean on their

@@ -25,7 +25,7 @@ from tests.support import BIN, ServerProcess, vader_rows
 from tuneserve_client import FINAL_STATES, ClientError, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 8
 ROWS = vader_rows()
