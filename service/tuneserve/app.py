@@ -9,6 +9,7 @@ the running job is stopped and queued again for the next start; the process exit
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +21,13 @@ import grpc
 from tuneserve import failpoints
 from tuneserve.api.interceptors import MetricsInterceptor
 from tuneserve.api.security import BearerTokenInterceptor, TokenFile, server_credentials
-from tuneserve.api.server import Health, create_health_server, create_server
+from tuneserve.api.server import SERVICE_NAME, Health, create_health_server, create_server
 from tuneserve.api.servicer import TuneserveServicer
 from tuneserve.config import ServerConfig
 from tuneserve.coserving import DevicePolicy
 from tuneserve.data.chat_template import TemplateRenderer, special_tokens_of
 from tuneserve.inference.engine import Engine
+from tuneserve.inference.text_limits import MAX_CHARS_PER_TOKEN
 from tuneserve.jobs.manager import JobManager, Limits
 from tuneserve.jobs.store import SQLiteJobStore
 from tuneserve.metrics import GpuCollector, Metrics
@@ -134,6 +136,14 @@ def watch_service(metrics: Metrics, engine: Any, jobs: Any, gpu: Any) -> None:
     metrics.add_collector(gpu)
 
 
+def generation_request_limits(config: ServerConfig) -> dict[str, int]:
+    """The largest Generate/GenerateStream request worth parsing: a prompt of as many
+    characters as `max_prompt_tokens` can hold (inference/text_limits.py), 4 UTF-8 bytes
+    each, and room for the parameters and stop sequences."""
+    limit = config.max_prompt_tokens * MAX_CHARS_PER_TOKEN * 4 + 64 * 1024
+    return {f"/{SERVICE_NAME}/{method}": limit for method in ("Generate", "GenerateStream")}
+
+
 def _torch_memory() -> list[tuple[str, int, int]]:
     import torch
 
@@ -188,7 +198,11 @@ class RunningServer:
             servicer,
             address=config.listen,
             max_message_bytes=config.max_message_bytes,
-            interceptors=[MetricsInterceptor(services.metrics)],
+            interceptors=[
+                MetricsInterceptor(
+                    services.metrics, max_request_bytes=generation_request_limits(config)
+                )
+            ],
             credentials=credentials,
             auth=auth,
         )
@@ -225,6 +239,11 @@ class RunningServer:
     async def load(self) -> None:
         """Load and warm the model, start the job worker, turn health SERVING."""
         await asyncio.to_thread(self.services.engine.load)
+        # Everything alive now (the model, the libraries) lives as long as the process:
+        # kept out of the collector's full passes, which otherwise walk it all with the
+        # interpreter lock held (0.4 s on a small model after each job: health stalled).
+        gc.collect()
+        gc.freeze()
         self.services.jobs.start()
         await self.health.set(True)
         log.info("serving on port %d", self.port)

@@ -37,10 +37,16 @@ def test_a_9mb_prompt_is_refused_at_once_on_both_generate_rpcs(server) -> None: 
         with pytest.raises(ClientError) as e:
             client.generate(NINE_MB, max_new_tokens=4)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.violations[0][0] == "prompt"
+        # Refused from its size alone, unparsed: parsing 9 MB held the event loop.
+        assert "bytes, over the" in e.value.message
         with pytest.raises(ClientError) as e:
             list(client.generate_stream(NINE_MB, max_new_tokens=4))
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        # A prompt small enough to parse, still past the characters the limit allows.
+        with pytest.raises(ClientError) as e:
+            client.generate("x" * (4096 * 32 + 1), max_new_tokens=4)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.violations[0][0] == "prompt"
         # Before: tokenised whole (10-14 s) before the token limit refused it.
         assert time.monotonic() - started < 3.0
 

@@ -6,7 +6,12 @@ flood the log that way. `guard` wraps a method handler so that parsing cannot ra
 failed parse yields an `Undecodable` marker in place of the message, and the wrapped
 behaviour ends the call INVALID_ARGUMENT ("the request is not a valid <message>") with a
 debug line, before the servicer sees it. Behaviours are grpc.aio's: coroutines, or async
-generators for streamed responses; each wrapper keeps its behaviour's shape."""
+generators for streamed responses; each wrapper keeps its behaviour's shape.
+
+Parsing runs on the event loop, which also answers health checks: a method given a size
+limit (`max_bytes`: Generate's prompt can only be so long) refuses a larger request from
+its length alone, unparsed (a 9 MB prompt otherwise holds the loop for tens of ms per
+call, first to parse, then to turn into a str)."""
 
 from __future__ import annotations
 
@@ -29,19 +34,24 @@ Context = Any  # grpc.aio.ServicerContext[Any, Any]
 
 @dataclass(frozen=True)
 class Undecodable:
-    """Stands in for a request message that did not parse."""
+    """Stands in for a request message that did not parse, or was not parsed because it
+    is larger than its method takes (`error` says which)."""
 
     message_name: str
     error: str
+    oversized: bool = False
 
 
-def guard(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+def guard(
+    handler: grpc.RpcMethodHandler | None, method: str, *, max_bytes: int | None = None
+) -> grpc.RpcMethodHandler | None:
     """`handler` with a request parser that never raises and behaviour that answers an
     `Undecodable` request INVALID_ARGUMENT. A handler without a parser (raw bytes: the
-    bearer-token refusal) is returned as it is."""
+    bearer-token refusal) is returned as it is. `max_bytes`: larger requests are refused
+    unparsed."""
     if handler is None or handler.request_deserializer is None:
         return handler
-    parse = _tolerant(handler.request_deserializer)
+    parse = _tolerant(handler.request_deserializer, max_bytes)
     kwargs = {"request_deserializer": parse, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), **kwargs)
@@ -58,12 +68,19 @@ def guard(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodH
     )
 
 
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _tolerant(parse: Callable[[bytes], Any], max_bytes: int | None) -> Callable[[bytes], Any]:
     # A generated FromString is bound to its message class.
     descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
     name = getattr(descriptor, "full_name", "") or "request message"
 
     def tolerant(data: bytes) -> Any:
+        if max_bytes is not None and len(data) > max_bytes:
+            return Undecodable(
+                name,
+                f"the request is {len(data)} bytes, over the {max_bytes} this method takes "
+                "(see the server's max_prompt_tokens)",
+                oversized=True,
+            )
         try:
             return parse(data)
         except (DecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -74,7 +91,9 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 async def _refuse(request: Undecodable, context: Context, method: str) -> None:
     log.debug("undecodable request to %s: %s", method, request.error)
-    error = errors.InvalidArgument(f"the request is not a valid {request.message_name}")
+    error = errors.InvalidArgument(
+        request.error if request.oversized else f"the request is not a valid {request.message_name}"
+    )
     await context.abort_with_status(to_status(error))
 
 

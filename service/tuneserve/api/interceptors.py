@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -18,8 +18,11 @@ from tuneserve.metrics import Metrics
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, max_request_bytes: Mapping[str, int] = {}) -> None:
+        """`max_request_bytes`: by method path (/package.Service/Method), the largest
+        request it takes; larger ones are refused unparsed (tuneserve.api.decoding)."""
         self._m = metrics
+        self._max_bytes = dict(max_request_bytes)
 
     async def intercept_service(
         self,
@@ -29,7 +32,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         # The guard sits inside the timing, so refused calls are counted, and after the
         # bearer-token check (inner to this interceptor), which leaves unauthenticated bytes
         # unparsed.
-        handler = decoding.guard(await continuation(details), details.method)
+        handler = decoding.guard(
+            await continuation(details),
+            details.method,
+            max_bytes=self._max_bytes.get(details.method),
+        )
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")

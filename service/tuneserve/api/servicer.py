@@ -74,8 +74,13 @@ class TuneserveServicer(pb_grpc.TuneserveServiceServicer):
     @unary
     async def TrainJob(self, request: pb.TrainJobRequest, context: Context) -> pb.TrainJobResponse:
         self._require_ready()
-        train = convert.train_request(request, caller=caller_of(context.invocation_metadata()))
-        job = await self._heavy(self._jobs.submit, train)
+        caller = caller_of(context.invocation_metadata())
+
+        def submit() -> Any:
+            # Converting a large inline dataset is work too: off the event loop with it.
+            return self._jobs.submit(convert.train_request(request, caller=caller))
+
+        job = await self._heavy(submit)
         return pb.TrainJobResponse(job=convert.job(job))
 
     @unary
