@@ -261,7 +261,10 @@ async def test_undecodable_request_is_invalid_argument_without_a_logged_tracebac
                 assert detail.Unpack(info) and info.reason == "INVALID_ARGUMENT"
                 assert handled(metrics, method.name, "INVALID_ARGUMENT") == 1
         assert servicer.seen == []
-        assert not [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info]
+        # No traceback, no warning per call (other loggers' INFO lines, from whatever else
+        # runs in the process, are not this test's business).
+        noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+        assert not noisy, [r.getMessage() for r in noisy]
 
 
 async def test_undecodable_health_and_reflection_requests_are_invalid_argument() -> None:
