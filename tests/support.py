@@ -93,6 +93,12 @@ BIN = Path(sys.executable).parent / "tuneserve"
 
 class ServerProcess:
     def __init__(self, model: Path, data: Path, *extra: str) -> None:
+        self._spawn(model, data, *extra)
+        self.client = TuneserveClient(self.target)
+        self.client.wait_ready(timeout=120)
+
+    def _spawn(self, model: Path, data: Path, *extra: str) -> None:
+        """Start `tuneserve serve` and wait until it reports its port (not until SERVING)."""
         self.proc = subprocess.Popen(
             [
                 str(BIN),
@@ -115,10 +121,9 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self._port = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         assert self._port.wait(120), "server did not report its port:\n" + "".join(self.lines)
-        self.client = TuneserveClient(self.target)
-        self.client.wait_ready(timeout=120)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

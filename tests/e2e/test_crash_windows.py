@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support import BIN, ServerProcess, vader_rows
+from tests.support import ServerProcess, vader_rows
 from tuneserve_client import FINAL_STATES, ClientError, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 
@@ -58,31 +56,7 @@ class CrashingServer(ServerProcess):
 
     def __init__(self, model: Path, data: Path, failpoints: str = "") -> None:
         armed = ["--failpoints", failpoints] if failpoints else []
-        self.proc = subprocess.Popen(
-            [
-                str(BIN),
-                "serve",
-                "--base-model",
-                str(model),
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data),
-                "--max-job-attempts",
-                str(MAX_JOB_ATTEMPTS),
-                *armed,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        assert self._port.wait(120), "server did not report its port:\n" + self.log
+        self._spawn(model, data, "--max-job-attempts", str(MAX_JOB_ATTEMPTS), *armed)
         self.client = TuneserveClient(self.target)
         deadline = time.monotonic() + 120
         while self.proc.poll() is None:

@@ -1018,28 +1018,26 @@ def test_labels_on_a_causal_job_are_refused(env: Env) -> None:
     assert info.value.field == "labels"
 
 
+def insert_running(env: Env, job_id: str, adapter_id: str, **job: Any) -> None:
+    """A job the last process left RUNNING, with its dataset snapshot."""
+    spec = JobSpec(
+        base_model="tiny-base",
+        adapter_id=adapter_id,
+        dataset_format=DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=2,
+    ).validate()
+    write_snapshot(ROWS, env.tmp / "datasets" / f"{job_id}.jsonl")
+    env.store.insert(Job(id=job_id, spec=spec, state=JobState.RUNNING, attempts=1, **job))
+
+
 def test_a_job_killed_after_publishing_is_finished_on_restart_not_trained_again(
     env: Env,
 ) -> None:
     """The process died between registering the adapter and marking the job SUCCEEDED: the
     job is RUNNING in the store and its adapter is published. Before, it trained again and
     ended FAILED (ADAPTER_EXISTS) with its loss curve overwritten."""
-    spec = JobSpec(
-        base_model="tiny-base",
-        adapter_id="published",
-        dataset_format=DatasetFormat.PROMPT_RESPONSE,
-        dataset_rows=2,
-    ).validate()
-    write_snapshot(ROWS, env.tmp / "datasets" / "j-pub.jsonl")
-    env.store.insert(
-        Job(
-            id="j-pub",
-            spec=spec,
-            state=JobState.RUNNING,
-            attempts=1,
-            progress=Progress(step=3, total_steps=3),  # written before publishing
-        )
-    )
+    # Its final progress was written before publishing.
+    insert_running(env, "j-pub", "published", progress=Progress(step=3, total_steps=3))
     curve = [LossPoint(step=s, epoch=s / 3, loss=1.0 / s) for s in (1, 2, 3)]
     env.store.add_loss_points("j-pub", curve)
     register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
@@ -1054,14 +1052,7 @@ def test_a_job_killed_after_publishing_is_finished_on_restart_not_trained_again(
 
 
 def test_another_jobs_adapter_under_the_same_id_is_not_taken_as_published(env: Env) -> None:
-    spec = JobSpec(
-        base_model="tiny-base",
-        adapter_id="taken",
-        dataset_format=DatasetFormat.PROMPT_RESPONSE,
-        dataset_rows=2,
-    ).validate()
-    write_snapshot(ROWS, env.tmp / "datasets" / "j-2.jsonl")
-    env.store.insert(Job(id="j-2", spec=spec, state=JobState.RUNNING, attempts=1))
+    insert_running(env, "j-2", "taken")
     register_parent(env, adapter_id="taken", source_job_id="someone-else")
     m = env.manager(start=True)
     failed = wait_state(m, "j-2", JobState.FAILED)
@@ -1185,24 +1176,9 @@ def test_final_progress_and_samples_are_stored_before_the_adapter_is_published(
 
 
 def test_a_published_job_is_finished_at_start_with_its_stored_progress(env: Env) -> None:
-    spec = JobSpec(
-        base_model="tiny-base",
-        adapter_id="published",
-        dataset_format=DatasetFormat.PROMPT_RESPONSE,
-        dataset_rows=2,
-    ).validate()
     progress = Progress(step=3, total_steps=3, epoch=1.0, loss=0.3, eval_loss=0.7, eval_step=3)
     samples = [{"prompt": "p", "reference": "r", "generated": "g"}]
-    env.store.insert(
-        Job(
-            id="j-pub",
-            spec=spec,
-            state=JobState.RUNNING,
-            attempts=1,
-            progress=progress,
-            samples=samples,
-        )
-    )
+    insert_running(env, "j-pub", "published", progress=progress, samples=samples)
     register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
     m = env.manager(start=True)
     done = wait_state(m, "j-pub", JobState.SUCCEEDED)
