@@ -3,6 +3,7 @@ in worker processes, under time, output and memory bounds, and cancellable."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -12,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ SIMPLE_OUT = [
     "system: Be brief.\nuser: Who is your father? Héllo, 日本\nassistant: I am your father.\n",
 ]
 NESTED = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
+# This machine may be busy (CI, a shared 2-core box): a wall-clock bound gets this much room
+# beyond what the code promises, and waits for a condition this long before failing.
+SLACK_S = 2.0
+PATIENCE_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +62,18 @@ def ready(renderer: TemplateRenderer) -> TemplateRenderer:
 
 def simple(renderer: TemplateRenderer) -> list[list[str]]:
     return renderer.render_prefixes([CHAT], SIMPLE, special_tokens={})
+
+
+def in_flight() -> tuple[threading.Event, Callable[[], bool]]:
+    """A should_stop that never stops, and an event it sets: the caller asks should_stop
+    only while waiting for a worker's answer, so once set, the request is with a worker."""
+    event = threading.Event()
+
+    def should_stop() -> bool:
+        event.set()
+        return False
+
+    return event, should_stop
 
 
 @pytest.mark.parametrize(
@@ -87,14 +104,17 @@ def simple(renderer: TemplateRenderer) -> list[list[str]]:
 def test_renders_every_prefix_as_apply_chat_template_does(
     renderer: TemplateRenderer, bos_tokenizer: Any, template: str
 ) -> None:
+    def expected() -> list[str]:
+        return [
+            bos_tokenizer.apply_chat_template(CHAT[: i + 1], chat_template=template, tokenize=False)
+            for i in range(len(CHAT))
+        ]
+
+    before = expected()  # and after: strftime_now's date may change in between
     [prefixes] = renderer.render_prefixes(
         [CHAT], template, special_tokens=special_tokens_of(bos_tokenizer)
     )
-    expected = [
-        bos_tokenizer.apply_chat_template(CHAT[: i + 1], chat_template=template, tokenize=False)
-        for i in range(len(CHAT))
-    ]
-    assert prefixes == expected
+    assert prefixes in (before, expected())
 
 
 def test_nested_loops_time_out_within_the_bound_and_others_still_answer(
@@ -102,25 +122,26 @@ def test_nested_loops_time_out_within_the_bound_and_others_still_answer(
 ) -> None:
     ready(renderer)
     outcome: dict[str, Any] = {}
+    rendering, should_stop = in_flight()
 
     def slow() -> None:
         started = time.monotonic()
         with pytest.raises(InvalidArgument) as info:
-            renderer.check(NESTED, CHAT, special_tokens={})
+            renderer.check(NESTED, CHAT, special_tokens={}, should_stop=should_stop)
         outcome["error"], outcome["s"] = info.value, time.monotonic() - started
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.2)
-    started = time.monotonic()
+    assert rendering.wait(PATIENCE_S)
     assert simple(renderer) == [SIMPLE_OUT]
-    assert time.monotonic() - started < 0.3
     assert thread.is_alive()  # answered while the runaway template was still running
-    thread.join(5)
+    thread.join(PATIENCE_S)
     error = outcome["error"]
     assert error.field == "chat_template"
+    # The worker's own 1 s alarm stopped it: the server would have killed it only after
+    # check_timeout_s (5 s) plus the grace, saying "took longer than 5 s".
     assert "took longer than 1 s" in error.message
-    assert 0.9 < outcome["s"] < 1.0 + LIMITS.kill_grace_s
+    assert 0.95 < outcome["s"] < 1.0 + SLACK_S
 
 
 def test_memory_bomb_is_refused_and_its_worker_replaced(renderer: TemplateRenderer) -> None:
@@ -173,9 +194,11 @@ def test_output_over_the_bound_is_refused_in_bytes(renderer: TemplateRenderer) -
     assert text == "é" * 500000
 
 
-def test_should_stop_cancels_a_render_within_half_a_second(renderer: TemplateRenderer) -> None:
+def test_should_stop_cancels_a_render_before_its_time_bound(renderer: TemplateRenderer) -> None:
     pids = set(ready(renderer).worker_pids())
     started = time.monotonic()
+    # Cancelled, not InvalidArgument: stopped before the worker's 1 s alarm ended the render
+    # (asked every 0.1 s, so ~0.3 s after the start on an idle machine).
     with pytest.raises(RenderCancelled):
         renderer.render_prefixes(
             [CHAT] * 3,
@@ -183,7 +206,7 @@ def test_should_stop_cancels_a_render_within_half_a_second(renderer: TemplateRen
             special_tokens={},
             should_stop=lambda: time.monotonic() > started + 0.2,
         )
-    assert time.monotonic() - started < 0.7  # well before the 1 s bound
+    assert time.monotonic() - started < 0.2 + SLACK_S  # not the 9 s of the request's bound
     assert len(pids - set(renderer.worker_pids())) == 1  # killed
     assert simple(renderer) == [SIMPLE_OUT]  # and replaced
 
@@ -199,10 +222,12 @@ def test_a_worker_that_stops_answering_is_killed_after_the_grace(
         started = time.monotonic()
         with pytest.raises(InvalidArgument, match="took longer than 1 s"):
             renderer.render_prefixes([CHAT[:1]], SIMPLE, special_tokens={})
-        assert time.monotonic() - started < 1.0 + LIMITS.kill_grace_s + 0.3
+        waited = time.monotonic() - started
+        assert 1.0 + LIMITS.kill_grace_s <= waited < 1.0 + LIMITS.kill_grace_s + SLACK_S
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # the one killed may be reaped
+                os.kill(pid, signal.SIGCONT)
     assert len(set(pids) - set(renderer.worker_pids())) == 1
     assert simple(renderer) == [SIMPLE_OUT]
 
@@ -216,11 +241,24 @@ def test_killed_workers_are_replaced(renderer: TemplateRenderer) -> None:
 def test_a_worker_killed_mid_request_is_retried_on_a_fresh_one(
     renderer: TemplateRenderer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ready(renderer)
+    # One request of 200 renders, 0.3-0.4 s of a worker's CPU here: the workers are killed
+    # once one has used 30 ms of CPU since the call, so mid-request however busy the machine
+    # is (CPU time, not wall time) and on one a few times faster.
     rows = [[{"role": "user", "content": str(i)}] for i in range(200)]
-    template = "{% for i in range(20000) %}{% endfor %}{{ messages[0].content }}"
-    pids = renderer.worker_pids()
-    killer = threading.Timer(0.1, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    template = "{% for i in range(30000) %}{% endfor %}{{ messages[0].content }}"
+    pids = ready(renderer).worker_pids()
+    cpu = {pid: _cpu_s(pid) for pid in pids}
+
+    def kill_mid_request() -> None:
+        deadline = time.monotonic() + PATIENCE_S
+        while all(_cpu_s(pid) < cpu[pid] + 0.03 for pid in pids):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_request)
     killer.start()
     with caplog.at_level(logging.WARNING, logger="tuneserve.data.chat_template"):
         out = renderer.render_prefixes(rows, template, special_tokens={})
@@ -230,62 +268,121 @@ def test_a_worker_killed_mid_request_is_retried_on_a_fresh_one(
 
 
 def test_close_kills_workers_and_stops_calls_in_flight() -> None:
-    renderer = TemplateRenderer(RenderLimits(workers=1, render_timeout_s=5.0))
+    renderer = TemplateRenderer(RenderLimits(workers=2, render_timeout_s=5.0))
     renderer.start(wait=True)
-    [pid] = renderer.worker_pids()
+    pids = renderer.worker_pids()
+    [zygote] = {_parent(pid) for pid in pids}
     errors: list[BaseException] = []
+    rendering, should_stop = in_flight()
 
     def render() -> None:
         try:
-            renderer.render_prefixes([CHAT[:1]], NESTED, special_tokens={})
+            renderer.render_prefixes([CHAT[:1]], NESTED, special_tokens={}, should_stop=should_stop)
         except BaseException as e:
             errors.append(e)
 
     thread = threading.Thread(target=render)
     thread.start()
-    time.sleep(0.2)
+    assert rendering.wait(PATIENCE_S)
     renderer.close()
-    thread.join(2)
+    # Gone when close() returns, the busy worker, the idle one and the zygote: the server's
+    # shutdown relies on it.
+    assert [pid for pid in [*pids, zygote] if _running(pid)] == []
+    assert renderer.worker_pids() == []
+    thread.join(PATIENCE_S)
     assert not thread.is_alive()
     assert [type(e) for e in errors] == [RendererClosed]
-    assert renderer.worker_pids() == []
-    assert not _running(pid)
     with pytest.raises(RendererClosed):
         renderer.check(SIMPLE, CHAT, special_tokens={})
+    renderer.close()  # idempotent
+
+
+def test_close_while_the_zygote_starts_stops_it_and_its_waiting_callers() -> None:
+    before = _zygotes()
+    renderer = TemplateRenderer(RenderLimits(workers=1))
+    errors: list[BaseException] = []
+    waiting, should_stop = in_flight()  # asked while waiting for the zygote's imports
+
+    def render() -> None:
+        try:
+            renderer.check(SIMPLE, CHAT, special_tokens={}, should_stop=should_stop)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=render)
+    thread.start()
+    assert waiting.wait(PATIENCE_S)
+    [zygote] = _zygotes() - before
+    renderer.close()
+    assert not _running(zygote)
+    thread.join(PATIENCE_S)
+    assert not thread.is_alive()
+    assert [type(e) for e in errors] == [RendererClosed]
+    assert _zygotes() == before
 
 
 def test_workers_do_not_outlive_a_server_that_dies(tmp_path: Path) -> None:
-    """The server killed mid-render (no close()): its worker ends within the render bound."""
+    """The server killed mid-render (no close()): its worker ends soon after the render
+    bound, and the idle zygote at once."""
     script = textwrap.dedent(
         f"""
-        import os, threading, time
+        import os, threading
         from tuneserve.data.chat_template import RenderLimits, TemplateRenderer
-        r = TemplateRenderer(RenderLimits(workers=1, render_timeout_s=1.0))
+        r = TemplateRenderer(RenderLimits(workers=1, render_timeout_s=0.5))
         r.start(wait=True)
-        print(r.worker_pids()[0], flush=True)
+        [worker] = r.worker_pids()
+        with open(f"/proc/{{worker}}/stat") as f:
+            zygote = f.read().rpartition(")")[2].split()[1]
+        print(worker, zygote, flush=True)
+        rendering = threading.Event()
         threading.Thread(
             target=r.check, args=({NESTED!r}, [{{"role": "user", "content": "x"}}]),
-            kwargs={{"special_tokens": {{}}}}, daemon=True,
+            kwargs={{"special_tokens": {{}}, "should_stop": lambda: rendering.set()}},
+            daemon=True,
         ).start()
-        time.sleep(0.3)
-        os._exit(0)
+        os._exit(0 if rendering.wait({PATIENCE_S}) else 3)
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.split()[0])
-    deadline = time.monotonic() + 3
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _running(pid)
+    pids = [int(pid) for pid in proc.stdout.split()]
+    deadline = time.monotonic() + 0.5 + SLACK_S
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [pid for pid in pids if _running(pid)] == []
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); [] once reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's zombie waits for whoever reaps it here)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+def _parent(pid: int) -> int:
+    return int(_stat(pid)[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds the process has used; 0 once gone."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def _zygotes() -> set[int]:
+    """This process's running children that are chat template zygotes."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _stat(int(entry.name))[1:2] == [str(os.getpid())]:
+            with contextlib.suppress(OSError):
+                if b"chat_template_worker.py" in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+    return {pid for pid in found if _running(pid)}

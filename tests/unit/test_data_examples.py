@@ -341,4 +341,6 @@ def test_a_looping_template_is_stopped_by_should_stop(tokenizer: Any) -> None:
             max_seq_length=512,
             should_stop=lambda: time.monotonic() > started + 0.1,
         )
-    assert time.monotonic() - started < 1.0  # not the 2 s time bound
+    # RenderCancelled, not InvalidArgument: stopped before the first render's 2 s bound; the
+    # wall-clock bound leaves a busy machine room (should_stop is asked every 0.1 s).
+    assert time.monotonic() - started < 1.5

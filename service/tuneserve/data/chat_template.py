@@ -15,7 +15,8 @@ imported transformers once, never from the torch-laden server) that:
 - refuses output over `max_output_bytes` and may allocate `max_memory_bytes` (RLIMIT_AS),
   so a memory bomb fails there, not here;
 - is killed when `should_stop()` says so (CancelJob, shutdown), and replaced;
-- exits when its socket closes, so it never outlives the server.
+- exits when its socket closes, so it never outlives the server; `close()` (shutdown) kills
+  the zygote and every worker and returns once they have exited.
 
 Every failure the template causes is an InvalidArgument(field="chat_template"), naming the
 dataset row when there is one. Start-up is the zygote's import of transformers (1-3 s);
@@ -51,6 +52,9 @@ Messages = Sequence[Mapping[str, Any]]
 WORKER = Path(__file__).with_name("chat_template_worker.py")
 _POLL_S = 0.1  # how often a waiting caller asks should_stop
 _REQUEST_CHARS = 1 << 20  # a request carries about this much conversation text at most
+# A SIGKILLed process exits in milliseconds; on a loaded machine, in well under a second. This
+# bounds the wait for it (release, close) should one be stuck in the kernel (D state).
+_EXIT_WAIT_S = 5.0
 
 
 def _never() -> bool:
@@ -168,27 +172,79 @@ class _Channel:
 
 class _Worker:
     """A worker process (a child of the zygote) and its channel. One thread uses it at a
-    time (the pool hands it out), but `kill` may come from any thread."""
+    time (the pool hands it out), but `kill` and `exit_watch` may come from any thread."""
 
     def __init__(self, sock: socket.socket, *, pid: int, pidfd: int) -> None:
         self.channel, self.pid, self._pidfd = _Channel(sock), pid, pidfd
         self._lock = threading.Lock()  # kill() against release(): never signal a closed fd
 
     def kill(self) -> None:
-        with self._lock, contextlib.suppress(ProcessLookupError, OSError):
+        """SIGKILL, without waiting; never raises (the process may be gone already)."""
+        with self._lock, contextlib.suppress(OSError):  # ProcessLookupError among them
             if self._pidfd >= 0:  # a pidfd names this process, never one that reused its pid
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             elif self._pidfd == -1:
                 os.kill(self.pid, signal.SIGKILL)
 
-    def release(self) -> None:
-        """Kill it and close what refers to it; by the thread that holds it."""
+    def exit_watch(self) -> _ExitWatch:
+        """What `_wait_exited` needs to wait for this process, valid after `release`."""
+        with self._lock:
+            pidfd = os.dup(self._pidfd) if self._pidfd >= 0 else -1
+        return _ExitWatch(pid=self.pid, pidfd=pidfd)
+
+    def release(self, deadline: float | None = None) -> None:
+        """Kill it, wait until it has exited (till `deadline`, else _EXIT_WAIT_S from now),
+        and close what refers to it; by the thread that holds it. Waiting costs milliseconds
+        and means no killed worker still runs, or holds memory, once this returns."""
         self.kill()
+        if deadline is None:
+            deadline = time.monotonic() + _EXIT_WAIT_S
+        _wait_exited([self.exit_watch()], deadline)
         with self._lock:
             if self._pidfd >= 0:
                 os.close(self._pidfd)
             self._pidfd = -2
         self.channel.close()
+
+
+@dataclass(frozen=True)
+class _ExitWatch:
+    pid: int
+    pidfd: int  # our own duplicate (closed by _wait_exited), or -1: no pidfd on this system
+
+
+def _wait_exited(watches: Sequence[_ExitWatch], deadline: float) -> bool:
+    """Until every process has exited (a zombie has: it runs nothing and holds no memory or
+    fds) or `deadline`; True if all did. Closes the watches' pidfds."""
+    poll = select.poll()
+    pending = {w.pidfd for w in watches if w.pidfd >= 0}
+    for fd in pending:
+        poll.register(fd, select.POLLIN)  # a pidfd reads as ready once its process exited
+    try:
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poll.poll(max(1, int(1000 * left))):
+                poll.unregister(fd)
+                pending.discard(fd)
+    finally:
+        for w in watches:
+            if w.pidfd >= 0:
+                os.close(w.pidfd)
+    # Without pidfds (Linux < 5.3), by pid: a reused pid can only make this wait longer.
+    without = [w.pid for w in watches if w.pidfd < 0]
+    while without and time.monotonic() < deadline:
+        without = [pid for pid in without if _running(pid)]
+        if without:
+            time.sleep(0.01)
+    return not pending and not without
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 class _Zygote:
@@ -252,15 +308,19 @@ class _Zygote:
         log.debug("chat template worker %d forked in %.1f ms", reply["pid"], _ms(started))
         return _Worker(sock, pid=int(reply["pid"]), pidfd=fds[1] if len(fds) > 1 else -1)
 
-    def kill(self) -> None:
-        """Safe from any thread; the channel is closed by `close`."""
-        if self.proc.poll() is None:
+    def kill(self, deadline: float | None = None) -> None:
+        """SIGKILL, and reap it (waiting till `deadline`, else _EXIT_WAIT_S from now). Safe
+        from any thread; the channel is closed by `close`."""
+        with contextlib.suppress(OSError):  # Popen.kill: nothing once it has been reaped
             self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
+        left = _EXIT_WAIT_S if deadline is None else deadline - time.monotonic()
+        try:
+            self.proc.wait(max(left, 0.01))
+        except subprocess.TimeoutExpired:
+            log.error("chat template zygote %d did not exit after SIGKILL", self.proc.pid)
 
-    def close(self) -> None:
-        self.kill()
+    def close(self, deadline: float | None = None) -> None:
+        self.kill(deadline)
         self.channel.close()
 
 
@@ -307,22 +367,37 @@ class TemplateRenderer:
 
     def close(self) -> None:
         """Kill the zygote and every worker, busy ones too (their callers get
-        RendererClosed). Idempotent; any thread."""
+        RendererClosed), and return once they have exited (a few seconds at most, should
+        one be stuck in the kernel): the server's shutdown relies on no worker outliving
+        it. Idempotent; any thread."""
         with self._cond:
             self._closed = True
-            workers, idle = list(self._live), self._idle
-            self._idle, self._live = [], set()
+            # A worker is released (its pidfd closed) only after it has left `_live`, so
+            # each one here can still be watched, whichever thread releases it.
+            workers = list(self._live)
+            watches = [w.exit_watch() for w in workers]
+            idle, self._idle, self._live = self._idle, [], set()
+            zygote = self._zygote  # a later one is closed by whoever starts it (_new_zygote)
             self._cond.notify_all()
-        for worker in workers:
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        for worker in workers:  # busy ones' callers see EOF, and release them
             worker.kill()
+        # Workers first, while the zygote lives to reap them (no zombies left to init).
+        if not _wait_exited(watches, deadline):
+            log.error("chat template workers still running %gs after SIGKILL", _EXIT_WAIT_S)
         for worker in idle:
-            worker.release()
-        zygote = self._zygote
+            worker.release(deadline)
         if zygote is not None:
-            zygote.kill()
-            if self._spawn_lock.acquire(blocking=False):  # else the spawner closes it
+            zygote.kill(deadline)
+            # A spawn under way ends now that its zygote is gone (EOF), and releases what
+            # it forked before giving back its slot.
+            if self._spawn_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 zygote.channel.close()
                 self._spawn_lock.release()
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._spawning == 0, timeout=max(0.0, deadline - time.monotonic())
+            )
 
     def __enter__(self) -> TemplateRenderer:
         return self
@@ -529,22 +604,32 @@ class TemplateRenderer:
                 self._spawn_lock.release()
         finally:
             with self._cond:
-                self._spawning -= 1
                 closed = self._closed
                 if worker is not None and not closed:
                     self._live.add(worker)
-                self._cond.notify()
+            if closed and worker is not None:
+                worker.release()  # before the slot is given back: close() waits for that
+            with self._cond:
+                self._spawning -= 1
+                self._cond.notify_all()
         assert worker is not None
         if closed:
-            worker.release()
             raise RendererClosed("the chat template renderer is closed")
         return worker
 
     def _new_zygote(self) -> _Zygote:  # with the spawn lock held
         if self._zygote is not None:
             self._zygote.close()
-        self._zygote = _Zygote(self.limits)
-        return self._zygote
+            self._zygote = None
+        zygote = _Zygote(self.limits)
+        with self._cond:  # against close(): it kills the zygote it sees, we the one it missed
+            closed = self._closed
+            if not closed:
+                self._zygote = zygote
+        if closed:
+            zygote.close()
+            raise RendererClosed("the chat template renderer is closed")
+        return zygote
 
     def _is_closed(self) -> bool:
         with self._cond:
