@@ -48,10 +48,21 @@ PATIENCE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def renderer() -> Iterator[TemplateRenderer]:
-    with TemplateRenderer(LIMITS) as r:
-        r.start(wait=True)
-        yield r
+def renderers() -> Iterator[list[TemplateRenderer]]:
+    made: list[TemplateRenderer] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def renderer(renderers: list[TemplateRenderer]) -> TemplateRenderer:
+    """The module's renderer with both workers started: its zygote's start-up (transformers'
+    import, seconds on a busy machine) is paid once, unless a test closed it."""
+    with contextlib.suppress(IndexError, RendererClosed):
+        return ready(renderers[-1])
+    renderers.append(TemplateRenderer(LIMITS))
+    return ready(renderers[-1])
 
 
 def ready(renderer: TemplateRenderer) -> TemplateRenderer:
@@ -120,7 +131,6 @@ def test_renders_every_prefix_as_apply_chat_template_does(
 def test_nested_loops_time_out_within_the_bound_and_others_still_answer(
     renderer: TemplateRenderer,
 ) -> None:
-    ready(renderer)
     outcome: dict[str, Any] = {}
     rendering, should_stop = in_flight()
 
@@ -145,7 +155,7 @@ def test_nested_loops_time_out_within_the_bound_and_others_still_answer(
 
 
 def test_memory_bomb_is_refused_and_its_worker_replaced(renderer: TemplateRenderer) -> None:
-    before, peak = set(ready(renderer).worker_pids()), resource.getrusage(resource.RUSAGE_SELF)
+    before, peak = set(renderer.worker_pids()), resource.getrusage(resource.RUSAGE_SELF)
     with pytest.raises(InvalidArgument, match="used more than 256 MiB") as info:
         renderer.check("{{ 'x' * 400000000 }}", CHAT, special_tokens={})
     assert info.value.field == "chat_template"
@@ -168,7 +178,7 @@ def test_memory_bomb_is_refused_and_its_worker_replaced(renderer: TemplateRender
 def test_a_template_that_fails_is_an_invalid_argument(
     renderer: TemplateRenderer, template: str, message: str
 ) -> None:
-    pids = ready(renderer).worker_pids()
+    pids = renderer.worker_pids()
     with pytest.raises(InvalidArgument, match=message) as info:
         renderer.check(template, CHAT, special_tokens={})
     assert info.value.field == "chat_template"
@@ -195,7 +205,7 @@ def test_output_over_the_bound_is_refused_in_bytes(renderer: TemplateRenderer) -
 
 
 def test_should_stop_cancels_a_render_before_its_time_bound(renderer: TemplateRenderer) -> None:
-    pids = set(ready(renderer).worker_pids())
+    pids = set(renderer.worker_pids())
     started = time.monotonic()
     # Cancelled, not InvalidArgument: stopped before the worker's 1 s alarm ended the render
     # (asked every 0.1 s, so ~0.3 s after the start on an idle machine).
@@ -215,7 +225,7 @@ def test_a_worker_that_stops_answering_is_killed_after_the_grace(
     renderer: TemplateRenderer,
 ) -> None:
     """What a render stuck in one long C call looks like from outside: no answer."""
-    pids = ready(renderer).worker_pids()
+    pids = renderer.worker_pids()
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -233,7 +243,7 @@ def test_a_worker_that_stops_answering_is_killed_after_the_grace(
 
 
 def test_killed_workers_are_replaced(renderer: TemplateRenderer) -> None:
-    for pid in ready(renderer).worker_pids():
+    for pid in renderer.worker_pids():
         os.kill(pid, signal.SIGKILL)
     assert simple(renderer) == [SIMPLE_OUT]
 
@@ -246,7 +256,7 @@ def test_a_worker_killed_mid_request_is_retried_on_a_fresh_one(
     # is (CPU time, not wall time) and on one a few times faster.
     rows = [[{"role": "user", "content": str(i)}] for i in range(200)]
     template = "{% for i in range(30000) %}{% endfor %}{{ messages[0].content }}"
-    pids = ready(renderer).worker_pids()
+    pids = renderer.worker_pids()
     cpu = {pid: _cpu_s(pid) for pid in pids}
 
     def kill_mid_request() -> None:
@@ -256,7 +266,8 @@ def test_a_worker_killed_mid_request_is_retried_on_a_fresh_one(
                 return
             time.sleep(0.005)
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_mid_request)
     killer.start()
@@ -267,17 +278,20 @@ def test_a_worker_killed_mid_request_is_retried_on_a_fresh_one(
     assert "died" in caplog.text and "attempt 1" in caplog.text
 
 
-def test_close_kills_workers_and_stops_calls_in_flight() -> None:
-    renderer = TemplateRenderer(RenderLimits(workers=2, render_timeout_s=5.0))
-    renderer.start(wait=True)
+def test_close_kills_workers_and_stops_calls_in_flight(renderer: TemplateRenderer) -> None:
+    """The module's renderer, closed: the last test to use it (a later one gets a new one)."""
     pids = renderer.worker_pids()
     [zygote] = {_parent(pid) for pid in pids}
+    # Stopped workers: the call stays in flight (till check_timeout_s, 5 s) however long
+    # this busy machine takes to get to close(), and SIGKILL must still end them.
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     errors: list[BaseException] = []
     rendering, should_stop = in_flight()
 
     def render() -> None:
         try:
-            renderer.render_prefixes([CHAT[:1]], NESTED, special_tokens={}, should_stop=should_stop)
+            renderer.check(SIMPLE, CHAT, special_tokens={}, should_stop=should_stop)
         except BaseException as e:
             errors.append(e)
 
