@@ -435,20 +435,6 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         job_id_var.set(job.id)
-        if (published := self._published_by(job)) is not None:
-            # The process died after publishing, before the job was marked SUCCEEDED:
-            # publishing is done, so is the job (its loss curve is in the store already).
-            log.info("job %s had published adapter %s; finishing it", job.id, published.id)
-            job.progress = dataclasses.replace(
-                job.progress,
-                step=published.steps,
-                total_steps=published.steps,
-                loss=published.final_loss,
-                trained_tokens=published.trained_tokens,
-            )
-            self._finish(job, JobState.SUCCEEDED, None)
-            self._on_registered(published)
-            return
         staging = self._registry.staging_dir()
         last_persist = 0.0
 
