@@ -17,7 +17,7 @@ K8S_VERSION="${K8S_VERSION:-1.33.0}"
 OUT=build/deploy
 # What can be applied, and what is only a part of it (the dashboards live in the base
 # too, where they get a namespace; alone they are rendered and validated, not scanned).
-DEPLOYABLES=(k8s/base k8s/overlays/gpu k8s/overlays/tls)
+DEPLOYABLES=(k8s/base k8s/overlays/gpu k8s/overlays/tls k8s/overlays/scale)
 PARTS=(k8s/dashboards)
 # Custom resources have no schema among the built-in ones kubernetes-validate ships; the
 # API server validates them against the operator's CRD when they are applied. Each group
