@@ -55,13 +55,33 @@ fmt: setup
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
 
-test: lint deploy-lint test-floor
+test: lint deploy-lint test-floor postgresql
 	$(BIN)/pytest -q
 
 # The edit loop: every test but the slow scenarios (crash windows, the API fuzz test), which
 # `make test` and CI run.
-test-quick: setup
+test-quick: setup postgresql
 	$(BIN)/pytest -q -m "not slow"
+
+# The job store's tests start their own PostgreSQL server (tests/postgres.py) from the
+# server binaries, which a fresh Debian machine gets here; the package's own cluster is not
+# created, and nothing else runs.
+.PHONY: postgresql
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; \
+	then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	else echo "PostgreSQL is not installed and this is not root: apt-get install" \
+		"postgresql as root, or make test as root" >&2; exit 1; fi; \
+	command -v apt-get >/dev/null || { echo "PostgreSQL is not installed and there is no" \
+		"apt-get: install PostgreSQL's server (initdb, pg_ctl) yourself" >&2; exit 1; }; \
+	set -ex; \
+	$$sudo mkdir -p /etc/postgresql-common/createcluster.d; \
+	echo "create_main_cluster = false" \
+		| $$sudo tee /etc/postgresql-common/createcluster.d/tuneserve.conf >/dev/null; \
+	$$sudo apt-get update -q; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		postgresql
 
 # The floor end of constraints.txt (.venv is the ceiling end): a venv with every runtime
 # dependency at the lowest version its range allows, running the tests that lean on their
