@@ -98,7 +98,7 @@ from tuneserve.inference.kv_cache import growing_cache
 from tuneserve.inference.params import GenerationRequest, SamplingParams
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model, resolve_device, resolve_dtype
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import local_registry
 from tuneserve.torch_threads import run_in_own_thread
 from tuneserve_client import FINAL_STATES, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
@@ -662,7 +662,7 @@ def grpc_overhead(ctx: Context) -> dict[str, Any]:
 def local_engine(ctx: Context) -> Iterator[Engine]:
     """An engine in this process, built from the service's configuration and model files
     (the same code path the service runs, minus gRPC), loaded and warmed, stopped after."""
-    engine = Engine(config=ctx.config, registry=AdapterRegistry(ctx.local_adapters))
+    engine = Engine(config=ctx.config, registry=local_registry(ctx.local_adapters))
     engine.load()
     try:
         yield engine

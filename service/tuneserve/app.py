@@ -29,9 +29,12 @@ from tuneserve.data.chat_template import TemplateRenderer, special_tokens_of
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.text_limits import MAX_CHARS_PER_TOKEN
 from tuneserve.jobs.manager import JobManager, Limits
-from tuneserve.jobs.store import SQLiteJobStore
+from tuneserve.jobs.store import JobStore, open_job_store
+from tuneserve.jobs.worker import Worker
 from tuneserve.metrics import GpuCollector, Metrics
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import AdapterRegistry, import_legacy_adapters
+from tuneserve.storage.artifacts import open_artifact_store
+from tuneserve.storage.cache import ArtifactCache
 from tuneserve.training.runner import LoraTrainer
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ DEFAULT_THREADS = 32
 class Services:
     config: ServerConfig
     metrics: Metrics
-    store: SQLiteJobStore
+    store: JobStore
     registry: AdapterRegistry
     engine: Engine
     jobs: JobManager
@@ -51,26 +54,57 @@ class Services:
 
 
 def build_services(config: ServerConfig) -> Services:
-    store = SQLiteJobStore(config.db_path)
+    store = open_job_store(config.job_store, default_path=config.db_path)
+    log.info("job store: %s; role: %s; replica: %s", store.url, config.role, config.worker_id)
+    artifacts = open_artifact_store(config.artifact_store, default_root=config.artifacts_dir)
+    artifacts.check()
+    log.info("artifact store: %s", artifacts.url)
     metrics = Metrics()
-    registry = AdapterRegistry(config.adapters_dir)
+    registry = AdapterRegistry(
+        index=store,
+        artifacts=artifacts,
+        cache=ArtifactCache(
+            artifacts, config.data_dir / "adapter-cache", max_bytes=config.adapter_cache_bytes
+        ),
+        staging_root=config.data_dir / "staging",
+    )
+    if moved := import_legacy_adapters(config.legacy_adapters_dir, registry):
+        log.info("moved %d adapter(s) of an earlier release into the registry", moved)
     engine = Engine(config=config, registry=registry, observer=metrics)
     # Users' chat templates render in worker processes (data/chat_template.py); the first
     # one imports transformers while the model loads.
     renderer = TemplateRenderer(config.render_limits())
     renderer.start()
-    policy = DevicePolicy(generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s)
+    worker = None
+    if config.trains:
+        policy = DevicePolicy(
+            generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s
+        )
+        worker = Worker(
+            store=store,
+            registry=registry,
+            artifacts=artifacts,
+            trainer=LoraTrainer(
+                base_model=config.base_model,
+                device=engine.device,
+                dtype=engine.dtype,
+                chat_renderer=renderer,
+            ),
+            work_dir=config.data_dir / "work",
+            worker_id=config.worker_id,
+            lease_s=config.lease_s,
+            max_job_attempts=config.max_job_attempts,
+            observer=metrics,
+            before_training_step=policy.before_training_step,
+            # A retrained adapter under a reused id must not be served from a stale copy.
+            on_adapter_registered=lambda info: engine.drop_adapter(info.id),
+        )
     jobs = JobManager(
         store=store,
         registry=registry,
-        trainer=LoraTrainer(
-            base_model=config.base_model,
-            device=engine.device,
-            dtype=engine.dtype,
-            chat_renderer=renderer,
-        ),
+        artifacts=artifacts,
+        worker=worker,
         base_model=config.base_model,
-        datasets_dir=config.datasets_dir,
         limits=Limits(
             dataset_roots=config.dataset_roots,
             max_dataset_rows=config.max_dataset_rows,
@@ -79,12 +113,7 @@ def build_services(config: ServerConfig) -> Services:
             max_queued_jobs=config.max_queued_jobs,
             max_queued_jobs_per_caller=config.max_queued_jobs_per_caller,
         ),
-        # A retrained adapter under a reused id must not be served from a stale copy.
-        on_adapter_registered=lambda info: engine.drop_adapter(info.id),
-        checkpoints_dir=config.checkpoints_dir,
         base_chat_template=lambda: getattr(engine.tokenizer, "chat_template", None),
-        before_training_step=policy.before_training_step,
-        observer=metrics,
         layer_names=engine.layer_names,
         chat_renderer=renderer,
         base_special_tokens=lambda: special_tokens_of(engine.tokenizer) if engine.tokenizer else {},

@@ -65,7 +65,45 @@ class ServerConfig:
         "Re-read when it changes (a rotated Secret). Empty: no tokens asked for.",
     )
     data_dir: Path = _opt(
-        Path("tuneserve-data"), "Where the job store, dataset snapshots and adapters live."
+        Path("tuneserve-data"),
+        "This replica's own files: the embedded job store and artifact store (when those "
+        "settings are empty), the local adapter cache and a job's scratch files.",
+    )
+    role: str = _opt(
+        "all",
+        "What this replica does: all (serve and train: one process is the whole service), "
+        "serve (generation and every read; TrainJob queues into the shared store) or train "
+        "(claims and runs training jobs; answers reads too).",
+    )
+    job_store: str = _opt(
+        "",
+        "The job store every replica shares: empty for SQLite in the data directory, "
+        "sqlite:///path, or postgresql://user@host:5432/db?sslmode=... (the password from "
+        "libpq's PGPASSWORD or PGPASSFILE; never put it in the URL).",
+    )
+    artifact_store: str = _opt(
+        "",
+        "Where adapters, checkpoints and dataset snapshots are kept: empty for a directory in "
+        "the data directory, a directory (a ReadWriteMany volume shared by replicas), or "
+        "s3://bucket/prefix on S3 or an S3-compatible store (endpoint and credentials as the "
+        "AWS SDKs read them: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_REGION).",
+    )
+    replica_id: str = _opt(
+        "",
+        "This replica's name, which holds its training jobs' leases (a pod's name). A "
+        "replica restarted under the same name resumes its jobs at once; others wait out "
+        "the lease. Empty: the host name.",
+    )
+    lease_s: float = _opt(
+        30.0,
+        "A training job's lease: renewed every third of it while the job runs; a replica "
+        "that stops renewing loses the job to another after this long.",
+    )
+    adapter_cache_bytes: int = _opt(
+        10 * 1024**3,
+        "Bytes of adapter files pulled from object storage kept on local disk (least "
+        "recently used go first).",
     )
     dataset_roots: tuple[Path, ...] = _opt(
         (),
@@ -154,16 +192,28 @@ class ServerConfig:
         return self.data_dir / "jobs.sqlite3"
 
     @property
-    def adapters_dir(self) -> Path:
+    def artifacts_dir(self) -> Path:
+        """The embedded artifact store's directory."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def legacy_adapters_dir(self) -> Path:
+        """Where the single-process releases kept adapters (moved at start-up)."""
         return self.data_dir / "adapters"
 
     @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+    def serves(self) -> bool:
+        return self.role in ("all", "serve")
 
     @property
-    def checkpoints_dir(self) -> Path:
-        return self.data_dir / "checkpoints"
+    def trains(self) -> bool:
+        return self.role in ("all", "train")
+
+    @property
+    def worker_id(self) -> str:
+        import socket
+
+        return self.replica_id or socket.gethostname()
 
     def validate(self, *, earlier: Sequence[InvalidArgument] = ()) -> ServerConfig:
         """Every problem at once (with `earlier` ones, from reading the values), as
@@ -173,6 +223,12 @@ class ServerConfig:
         def bad(name: str, message: str) -> None:
             problems.append(InvalidArgument(f"{name}: {message}", field=name))
 
+        if self.role not in ("all", "serve", "train"):
+            bad("role", f"{self.role!r} is not all, serve or train")
+        if not self.lease_s >= 3:
+            bad("lease_s", "must be at least 3 seconds (it is renewed every third of it)")
+        if self.adapter_cache_bytes < 0:
+            bad("adapter_cache_bytes", "must not be negative")
         if not self.base_model:
             bad("base_model", "required (a Hub id such as gpt2, or a local model directory)")
         if self.device != "auto" and not (

@@ -1,18 +1,22 @@
-"""The adapter registry: one directory per adapter under a root, PEFT safetensors plus our
-metadata file. An adapter appears whole or not at all: it is written to a staging directory
-and renamed into place; deletion renames it away before removing it.
+"""The adapter registry: which adapters exist (an index in the job store, shared by every
+replica) and their files (PEFT safetensors plus our metadata file, in the artifact store under
+an immutable, versioned key `adapters/<id>/<version>`).
 
-Publishing is idempotent for the job that owns the adapter: a job that registered its
-adapter and was killed before it was marked SUCCEEDED registers it again after the restart
-and gets the adapter back, not ALREADY_EXISTS.
+Publishing uploads the files first, then commits the index row; a trained adapter's row is
+committed by the same transaction that marks its job SUCCEEDED (`register(..., job=)`), so
+it appears exactly once and only whole. A retrain under a deleted id gets a new version and
+so a new key: no replica can confuse it with the old files.
 
-One damaged entry (a metadata file unreadable, not JSON, or with values no adapter has)
-never poisons the rest: `list` leaves it out with a warning, `get` says it is damaged
-(FailedPrecondition), `delete` removes it. What `register` writes is checked the same way
-first, so it never writes such an entry.
+Replicas read an adapter's files through a bounded local cache (`ArtifactCache`), pulled
+from the artifact store on first use; with a local artifact store they are read in place.
+A delete removes the row first (from then on no replica serves it: each checks the index
+on every request), then the files.
 
-`AdapterRegistry` is thread-safe. Shared storage (a ReadWriteMany volume, S3) slots in behind
-the same methods."""
+One damaged entry (metadata that cannot be an adapter's) never poisons the rest: `list`
+leaves it out with a warning, `get` says it is damaged (FailedPrecondition), `delete`
+removes it. What `register` writes is checked the same way first.
+
+`AdapterRegistry` is thread-safe."""
 
 from __future__ import annotations
 
@@ -20,17 +24,23 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuneserve.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from tuneserve.jobs.model import Task, check_adapter_id
+from tuneserve.jobs.store import AdapterRecord
+from tuneserve.storage.artifacts import ArtifactStore, LocalArtifactStore
+from tuneserve.storage.cache import ArtifactCache
+
+if TYPE_CHECKING:
+    from tuneserve.jobs.model import Job
+    from tuneserve.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +71,50 @@ class AdapterInfo:
     use_dora: bool = False
 
 
+def adapter_key(adapter_id: str, version: str) -> str:
+    return f"adapters/{adapter_id}/{version}"
+
+
 class AdapterRegistry:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._staging = root / ".staging"
-        self._trash = root / ".trash"
+    def __init__(
+        self,
+        *,
+        index: JobStore,
+        artifacts: ArtifactStore,
+        cache: ArtifactCache,
+        staging_root: Path,
+    ) -> None:
+        self._index = index
+        self._artifacts = artifacts
+        self._cache = cache
+        self._staging = staging_root
         self._lock = threading.Lock()
-        # Damaged entries already warned about, by name: (mtime_ns, size) of the file then.
-        self._warned: dict[str, tuple[int, int]] = {}
-        root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a crash mid-write or mid-delete are never visible adapters.
-        for leftovers in (self._staging, self._trash):
-            shutil.rmtree(leftovers, ignore_errors=True)
-            leftovers.mkdir()
+        # Damaged entries already warned about: id -> version.
+        self._warned: dict[str, str] = {}
+        # Leftovers of a crash mid-write are never adapters.
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.mkdir(parents=True)
+
+    @property
+    def cache(self) -> ArtifactCache:
+        return self._cache
+
+    @property
+    def staging_root(self) -> Path:
+        return self._staging
 
     def staging_dir(self) -> Path:
-        """A fresh directory to write an adapter into before `register` moves it."""
+        """A fresh directory to write an adapter into before `register` publishes it."""
         path = self._staging / uuid.uuid4().hex
         path.mkdir()
         return path
 
-    def register(self, staging: Path, info: AdapterInfo) -> AdapterInfo:
-        """Move a fully written adapter into place under `info.id`. If that id is taken by
-        an adapter of the same job (`info.source_job_id`, when not empty), the job already
-        published it: `staging` is dropped and that adapter returned. Otherwise a taken id
-        is AlreadyExists. `info` must hold values an adapter can have (ValueError)."""
+    def register(self, staging: Path, info: AdapterInfo, *, job: Job | None = None) -> AdapterInfo:
+        """Publish a fully written adapter under `info.id`: upload, then index. With `job`
+        (claimed, its final state set), the index row and the job's end commit together,
+        under the job's claim (LeaseLost when it is gone); a job that already published it
+        gets that adapter back. AlreadyExists when another adapter has the id. `info` must
+        hold values an adapter can have (ValueError). `staging` is consumed."""
         check_adapter_id(info.id)
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         info = AdapterInfo(**{**asdict(info), "size_bytes": size})
@@ -95,107 +124,148 @@ class AdapterRegistry:
         except _Damaged as e:
             raise ValueError(f"adapter {info.id!r} cannot be registered: {e}") from None
         (staging / METADATA_FILE).write_text(text)
-        _fsync_dir_files(staging)
-        with self._lock:
-            target = self.root / info.id
-            if target.exists():
-                published = self._published_by(info.source_job_id, info.id)
-                if published is None:
-                    raise AlreadyExists(f"adapter {info.id!r} already exists", field="adapter_id")
-                shutil.rmtree(staging, ignore_errors=True)
-                log.info("adapter %s was already published by job %s", info.id, info.source_job_id)
-                return published
-            staging.rename(target)
-            _fsync_dir(self.root)
+        version = uuid.uuid4().hex[:16]
+        record = AdapterRecord(
+            id=info.id,
+            version=version,
+            key=adapter_key(info.id, version),
+            info=text,
+            source_job_id=info.source_job_id,
+            created_at=info.created_at,
+        )
+        try:
+            self._artifacts.put_dir(record.key, staging)
+            if job is not None:
+                published = self._index.publish(job, record)
+            else:
+                published = self._index.add_adapter(record)
+        except BaseException:
+            self._delete_files(record.key)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if published.key != record.key:  # this job had published it already
+            self._delete_files(record.key)
+            log.info("adapter %s was already published by job %s", info.id, info.source_job_id)
+            return self._info(published)
         return info
 
     def exists(self, adapter_id: str) -> bool:
-        return (self.root / check_adapter_id(adapter_id) / METADATA_FILE).is_file()
+        return self._index.get_adapter(check_adapter_id(adapter_id)) is not None
 
     def get(self, adapter_id: str) -> AdapterInfo:
         """NotFound if there is no such adapter; FailedPrecondition if it is damaged."""
-        check_adapter_id(adapter_id)
-        try:
-            return self._read(adapter_id)
-        except FileNotFoundError:
-            raise NotFound(f"adapter {adapter_id!r} not found", field="adapter_id") from None
-        except _Damaged as e:
-            raise FailedPrecondition(
-                f"adapter {adapter_id!r} is damaged ({e}); delete it, then train or import it "
-                "again",
-                field="adapter_id",
-            ) from None
+        return self._info(self.record(adapter_id))
+
+    def record(self, adapter_id: str) -> AdapterRecord:
+        """The adapter's index row (its version and key): NotFound when there is none."""
+        record = self._index.get_adapter(check_adapter_id(adapter_id))
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} not found", field="adapter_id")
+        return record
 
     def path(self, adapter_id: str) -> Path:
-        self.get(adapter_id)
-        return self.root / adapter_id
+        """A local directory holding the adapter's files (pulled on first use)."""
+        record = self.record(adapter_id)
+        self._info(record)
+        return self._cache.path(record.key)
 
     def list(self) -> list[AdapterInfo]:
         """Every readable adapter, newest first; a damaged one is left out (and logged)."""
         infos = []
-        for meta in self.root.glob(f"*/{METADATA_FILE}"):
-            name = meta.parent.name
-            if name.startswith("."):
-                continue
+        for record in self._index.list_adapters():
             try:
-                infos.append(self._read(name))
-            except FileNotFoundError:
-                continue  # deleted meanwhile
+                infos.append(_load_info(_parse(record.info), record.id))
             except _Damaged as e:
-                self._warn_damaged(name, meta, e)
+                self._warn_damaged(record, e)
         return sorted(infos, key=lambda i: i.created_at, reverse=True)
 
     def delete(self, adapter_id: str) -> None:
-        """Remove an adapter, a damaged one too."""
+        """Remove an adapter, a damaged one too: the row first, so no replica serves it
+        from then on, then its files."""
+        record = self._index.delete_adapter(check_adapter_id(adapter_id))
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} not found", field="adapter_id")
         with self._lock:
-            source = self.root / check_adapter_id(adapter_id)
-            if not source.is_dir():
-                raise NotFound(f"adapter {adapter_id!r} not found", field="adapter_id")
-            doomed = self._trash / f"{adapter_id}-{uuid.uuid4().hex}"
-            source.rename(doomed)
             self._warned.pop(adapter_id, None)
-        shutil.rmtree(doomed, ignore_errors=True)
+        self._delete_files(record.key)
 
     # --- internals
 
-    def _read(self, name: str) -> AdapterInfo:
-        """The entry's metadata; FileNotFoundError when there is none, _Damaged when it
-        cannot be an adapter's."""
-        path = self.root / name / METADATA_FILE
+    def _info(self, record: AdapterRecord) -> AdapterInfo:
         try:
-            if path.stat().st_size > MAX_METADATA_BYTES:
-                raise _Damaged(f"{METADATA_FILE} is larger than {MAX_METADATA_BYTES} bytes")
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise _Damaged(f"{METADATA_FILE} cannot be read: {e.strerror}") from None
-        except (ValueError, RecursionError) as e:
-            raise _Damaged(f"{METADATA_FILE} is not JSON: {e}") from None
-        return _load_info(data, name)
+            return _load_info(_parse(record.info), record.id)
+        except _Damaged as e:
+            raise FailedPrecondition(
+                f"adapter {record.id!r} is damaged ({e}); delete it, then train or import it again",
+                field="adapter_id",
+            ) from None
 
-    def _published_by(self, job_id: str, adapter_id: str) -> AdapterInfo | None:
-        """The adapter under `adapter_id` if job `job_id` published it."""
-        if not job_id:
-            return None
+    def _delete_files(self, key: str) -> None:
+        self._cache.forget(key)
         try:
-            existing = self._read(adapter_id)
-        except (OSError, _Damaged):
-            return None
-        return existing if existing.source_job_id == job_id else None
+            self._artifacts.delete(key)
+        except Exception as e:  # unreferenced files: harmless, and logged
+            log.warning("adapter files at %s were not deleted (%s)", key, e)
 
-    def _warn_damaged(self, name: str, meta: Path, error: _Damaged) -> None:
-        """Once per entry, and again if its file changes."""
-        try:
-            st = meta.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = (0, 0)
+    def _warn_damaged(self, record: AdapterRecord, error: _Damaged) -> None:
+        """Once per entry and version."""
         with self._lock:
-            if self._warned.get(name) == stamp:
+            if self._warned.get(record.id) == record.version:
                 return
-            self._warned[name] = stamp
-        log.warning("adapter %s is damaged and left out of the list: %s", name, error)
+            self._warned[record.id] = record.version
+        log.warning("adapter %s is damaged and left out of the list: %s", record.id, error)
+
+
+def local_registry(root: Path, index: JobStore | None = None) -> AdapterRegistry:
+    """A registry on one machine: files under `root/artifacts`, the index in `index` (or an
+    SQLite file under `root`). Tests and tools use it; the server builds its own (app.py)."""
+    if index is None:
+        from tuneserve.jobs.store_sqlite import SQLiteJobStore
+
+        index = SQLiteJobStore(root / "index.sqlite3")
+    artifacts = LocalArtifactStore(root / "artifacts")
+    return AdapterRegistry(
+        index=index,
+        artifacts=artifacts,
+        cache=ArtifactCache(artifacts, root / "cache", max_bytes=1 << 40),
+        staging_root=root / "staging",
+    )
+
+
+def import_legacy_adapters(directory: Path, registry: AdapterRegistry) -> int:
+    """Adapters of the single-process releases (one directory each under `directory`, with
+    their metadata file) move into the registry; each directory is removed once its adapter
+    is indexed. Returns how many moved."""
+    moved = 0
+    if not directory.is_dir():
+        return moved
+    for meta in sorted(directory.glob(f"*/{METADATA_FILE}")):
+        entry = meta.parent
+        if entry.name.startswith("."):
+            continue
+        try:
+            info = _load_info(_parse(meta.read_text()), entry.name)
+        except (OSError, _Damaged) as e:
+            log.warning("old adapter directory %s is damaged and left in place: %s", entry, e)
+            continue
+        if registry.exists(info.id):
+            continue
+        staging = registry.staging_dir()
+        shutil.copytree(entry, staging, dirs_exist_ok=True)
+        registry.register(staging, info)
+        shutil.rmtree(entry, ignore_errors=True)
+        moved += 1
+    return moved
+
+
+def _parse(text: str) -> Any:
+    if len(text) > MAX_METADATA_BYTES:
+        raise _Damaged(f"{METADATA_FILE} is larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _Damaged(f"{METADATA_FILE} is not JSON: {e}") from None
 
 
 class _Damaged(ValueError):
@@ -266,22 +336,3 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for p in directory.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -185,13 +185,13 @@ def test_killed_mid_training_resumes_from_checkpoint_and_finishes_the_plan(
         adapter_id="resumed",
         training=pb.TrainingConfig(max_steps=planned, batch_size=2, checkpoint_every_steps=20),
     )
-    checkpoints = tmp_path / "checkpoints" / job.id
-    while (
-        not any(checkpoints.glob("step-*")) or server.client.get_status(job.id).progress.step < 60
-    ):
+    # Checkpoints live in the artifact store (here the embedded one, a directory), one key
+    # per claim and step: checkpoints/<job>/<fence>-<step>.
+    checkpoints = tmp_path / "artifacts" / "checkpoints" / job.id
+    while not any(checkpoints.glob("*-*")) or server.client.get_status(job.id).progress.step < 60:
         wait_running(server.client, job.id)
     server.stop(signal.SIGKILL)
-    saved = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    saved = max(int(p.name.split("-")[1]) for p in checkpoints.glob("*-*"))
     assert saved >= 20
 
     again = ServerProcess(tiny_gpt2, tmp_path)

@@ -25,7 +25,7 @@ from tuneserve.inference.adapters import (
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.lora_files import read_lora
 from tuneserve.models import load_model
-from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.registry import AdapterInfo, AdapterRegistry, local_registry
 from tuneserve.tiny_models import tiny_config
 
 CPU = torch.device("cpu")
@@ -42,7 +42,7 @@ pytestmark = [
 def registry(
     tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: Path, add_adapter: Any
 ) -> AdapterRegistry:
-    registry = AdapterRegistry(tmp_path_factory.mktemp("registry"))
+    registry = local_registry(tmp_path_factory.mktemp("registry"))
     for seed, adapter_id in enumerate(ADAPTERS, start=1):
         add_adapter(registry, tiny_gpt2, adapter_id, seed=seed)
     add_adapter(registry, tiny_gpt2, "classifier", seed=7, task="classification", labels=("n", "p"))
@@ -210,7 +210,7 @@ def test_an_adapter_replaced_while_in_use_is_reloaded_once_its_requests_end(
 ) -> None:
     """Invalidated while a request runs on it: that request keeps the old matrices, a new
     one waits, and gets the adapter as it is on disk once the old ones are gone."""
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = local_registry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "x", seed=1)  # the same matrices as a1
     add_adapter(registry, tiny_gpt2, "y", seed=2)  # and as a2
     cache = AdapterCache(
@@ -317,7 +317,7 @@ def test_an_adapter_that_cannot_be_served_evicts_nothing(
 def test_a_load_that_fails_leaves_the_model_as_it_was(
     tiny_gpt2: Path, tmp_path: Path, add_adapter: Any, expected: dict[str, torch.Tensor]
 ) -> None:
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = local_registry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "broken", seed=1)
     weights = registry.path("broken") / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
@@ -518,7 +518,7 @@ def test_an_adapter_whose_config_was_damaged_on_disk_is_refused_on_load(
 ) -> None:
     """A load reads the config with the same parser: a bad value is the adapter's fault
     (FailedPrecondition), not an error escaping from the scheduler's thread."""
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = local_registry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "x", seed=1)
     config_file = registry.path("x") / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lora_alpha": "8"}))
@@ -544,7 +544,7 @@ def engine(tiny_gpt2: Path, tmp_path: Path) -> Iterator[Engine]:
         dtype="float32",
         adapter_import_roots=(tmp_path / "imports",),
     )
-    engine = Engine(config=config, registry=AdapterRegistry(tmp_path / "adapters"))
+    engine = Engine(config=config, registry=local_registry(tmp_path / "adapters"))
     engine.load()
     try:
         yield engine
@@ -595,7 +595,7 @@ def test_an_import_of_a_poison_config_registers_nothing(
     assert words in exc.value.message
     assert not registry.exists("poison")
     assert [a.id for a in registry.list()] == ["kept"]
-    assert list((registry.root / ".staging").iterdir()) == []
+    assert list(registry.staging_root.iterdir()) == []
 
 
 def test_an_import_whose_weights_do_not_fit_leaves_no_staging_behind(
@@ -607,7 +607,7 @@ def test_an_import_whose_weights_do_not_fit_leaves_no_staging_behind(
     assert exc.value.field == "path"
     assert "gives r 8" in exc.value.message
     assert engine._registry.list() == []
-    assert list((engine._registry.root / ".staging").iterdir()) == []
+    assert list(engine._registry.staging_root.iterdir()) == []
 
 
 def test_an_import_records_the_config_as_peft_reads_it(

@@ -18,7 +18,7 @@ from tuneserve.errors import FailedPrecondition
 from tuneserve.inference import engine as engine_module
 from tuneserve.inference.classifier import Classifier
 from tuneserve.inference.engine import Engine
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import local_registry
 from tuneserve.tiny_models import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +38,7 @@ def make_config(tiny_gpt2: Path, tmp_path: Path) -> ServerConfig:
 @pytest.fixture()
 def engine(tiny_gpt2: Path, tmp_path: Path, add_adapter: Any) -> Iterator[Engine]:
     """An engine over the tiny GPT-2 with one adapter slot and adapters "p" and "q"."""
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = local_registry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "p", seed=1)
     add_adapter(registry, tiny_gpt2, "q", seed=2)
     engine = Engine(config=make_config(tiny_gpt2, tmp_path), registry=registry)

@@ -42,7 +42,8 @@ class AdapterCache:
         self._registry = registry
         self._base_model = base_model
         self._capacity = capacity
-        self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU first
+        # LRU first; the value is the registry version the loaded matrices came from.
+        self._loaded: OrderedDict[str, str] = OrderedDict()
         self._in_use: Counter[str] = Counter()
         self._pinned: set[str] = set()
         self._stale: set[str] = set()  # loaded, but changed on disk since: evict when unused
@@ -52,6 +53,10 @@ class AdapterCache:
     @property
     def loaded(self) -> list[str]:
         return list(self._loaded)
+
+    def version_of(self, adapter_id: str) -> str | None:
+        """The registry version loaded under `adapter_id` (None: not loaded). Any thread."""
+        return self._loaded.get(adapter_id)
 
     @property
     def pinned(self) -> set[str]:
@@ -141,13 +146,14 @@ class AdapterCache:
         return None
 
     def _load(self, adapter_id: str) -> None:
+        record = self._registry.record(adapter_id)
         info = self._registry.get(adapter_id)
         check_servable(info, self._base_model)
         directory = self._registry.path(adapter_id)
         # Every matrix is read and checked against the model before the first is written
         # into a slot: a misfit never touches the model.
         self._lora.add(adapter_id, read_lora(adapter_id, directory, self.model))
-        self._loaded[adapter_id] = None
+        self._loaded[adapter_id] = record.version
         self.loads += 1
         log.info("adapter %s loaded", adapter_id)
 

@@ -218,14 +218,24 @@ class Engine:
             max_new_tokens=self._config.max_new_tokens,
         )
         if request.adapter_id:
-            check_servable(
-                self._registry.get(check_adapter_id(request.adapter_id)), self._config.base_model
-            )
+            self._check_current(request.adapter_id)
         pending = Request(
             self._encode_prompt(request.prompt, params), params, request.adapter_id, out=out
         )
         self._scheduler.submit(pending)
         return pending
+
+    def _check_current(self, adapter_id: str) -> None:
+        """The adapter exists now (the shared index is read on every request: one deleted
+        on any replica is refused here from its commit on) and fits this server; matrices
+        loaded from another version (deleted and trained again, on another replica) are
+        dropped, so the request gets the current one."""
+        record = self._registry.record(check_adapter_id(adapter_id))
+        check_servable(self._registry.get(adapter_id), self._config.base_model)
+        adapters = self._adapters
+        if adapters is not None and adapters.version_of(adapter_id) not in (None, record.version):
+            log.info("adapter %s changed (version %s); reloading", adapter_id, record.version)
+            self.drop_adapter(adapter_id)
 
     def load_adapter(self, adapter_id: str, *, pin: bool) -> AdapterState:
         """Load (and optionally pin) an adapter now, so its first request does not wait."""

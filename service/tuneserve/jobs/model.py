@@ -265,3 +265,10 @@ class Job:
     samples: list[dict[str, str]] = field(default_factory=list)
     # Filled in when read, not stored: jobs ahead of this one in the queue.
     queue_position: int = 0
+    # The claim's fencing token: bumped by every claim, presented by every write the worker
+    # holding it makes, so a worker that lost its lease can write nothing more.
+    fence: int = 0
+    # The artifact key of the newest checkpoint this job's workers committed ("" none).
+    checkpoint: str = ""
+    # CancelJob reached a replica while another one ran the job: its worker stops.
+    cancel_requested: bool = False

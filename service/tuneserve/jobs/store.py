@@ -1,21 +1,31 @@
-"""Persisted jobs. `JobStore` is the small interface the rest of the service uses; SQLite is
-the embedded default. A shared backend (PostgreSQL with SELECT ... FOR UPDATE SKIP LOCKED)
-slots in behind the same interface."""
+"""Persisted jobs and the adapter index: the state every replica shares. `JobStore` is the
+small interface the rest of the service uses. SQLite (`store_sqlite.py`) is the embedded
+default; PostgreSQL (`store_postgres.py`) is the shared one. Both run the same statements
+(`store_sql.py`), so a job is claimed, leased and fenced the same way on either.
+
+Claims. Workers never take jobs from one process's memory: `claim` picks the oldest job
+that is QUEUED, or RUNNING under a lease that has expired (its worker died), and makes it
+RUNNING under the caller with a lease until `now + lease_s` and a new fencing token
+(`Job.fence`, bumped on every claim). The worker renews the lease (`heartbeat`) and presents
+the token with every write it makes: progress, loss points, checkpoints, the final state,
+the adapter's publication. A write with a token that is no longer the job's raises
+`LeaseLost`, so a worker that lost its lease (a network partition, a stalled process)
+writes nothing more; another replica has resumed the job by then.
+
+Adapters. The index of published adapters lives here too, because an adapter is published
+by the same transaction that marks its job SUCCEEDED (`publish`): a job's adapter appears
+exactly once, and only after its files were uploaded (the caller uploads before it calls)."""
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import dataclasses
-import errno
-import json
-import sqlite3
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
-from tuneserve.jobs.model import Job, JobFailure, JobSpec, JobState, Progress
+from tuneserve.errors import InvalidArgument
+from tuneserve.jobs.model import Job, JobState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,187 +36,174 @@ class LossPoint:
     eval_loss: float | None = None
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id          TEXT PRIMARY KEY,
-    seq         INTEGER NOT NULL,
-    state       TEXT NOT NULL,
-    spec        TEXT NOT NULL,
-    progress    TEXT NOT NULL,
-    error       TEXT,
-    created_at  REAL NOT NULL,
-    started_at  REAL,
-    finished_at REAL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    request_id  TEXT,
-    samples     TEXT
-);
-CREATE TABLE IF NOT EXISTS loss_curve (
-    job_id    TEXT NOT NULL,
-    step      INTEGER NOT NULL,
-    epoch     REAL NOT NULL,
-    loss      REAL NOT NULL,
-    eval_loss REAL,
-    PRIMARY KEY (job_id, step)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id != '';
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-"""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterRecord:
+    """One published adapter: its metadata (the registry's AdapterInfo as JSON), where its
+    files are (an artifact key, immutable) and the version that key names. A retrain under
+    the same id is a new version with a new key."""
+
+    id: str
+    version: str
+    key: str
+    info: str  # JSON
+    source_job_id: str
+    created_at: float
+
+
+class LeaseLost(Exception):
+    """A worker's write carried a fencing token that is no longer the job's: another claim
+    took the job (the lease expired), or the job ended. The worker must stop."""
+
+    def __init__(self, job_id: str, fence: int) -> None:
+        super().__init__(f"job {job_id}: the claim with fence {fence} is no longer held")
+        self.job_id, self.fence = job_id, fence
 
 
 class JobStore(Protocol):
-    """Thread-safe: every method may be called from any thread."""
+    """Thread-safe: every method may be called from any thread. A store that cannot reach
+    its database raises tuneserve.errors.Unavailable."""
 
-    def insert(self, job: Job) -> None: ...
+    url: str  # for logs; never a password
 
-    def update(self, job: Job) -> None: ...
+    # --- jobs
+
+    def insert(self, job: Job) -> Job:
+        """Insert a QUEUED job and return it; if its request_id (when not empty) already
+        names a job, insert nothing and return that job (the first call's, on any replica).
+        AlreadyExists if a QUEUED or RUNNING job already trains the same adapter id."""
+        ...
 
     def get(self, job_id: str) -> Job | None: ...
 
     def find_by_request_id(self, request_id: str) -> Job | None: ...
 
-    def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]: ...
+    def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]:
+        """Newest first."""
+        ...
 
     def in_states(self, *states: JobState) -> builtins.list[Job]:
         """Jobs in any of the states, oldest first."""
         ...
 
-    def add_loss_points(self, job_id: str, points: builtins.list[LossPoint]) -> None:
-        """Append points; a point for a step already stored replaces it (a resumed run)."""
+    def queue_position(self, job_id: str) -> int:
+        """QUEUED jobs ahead of this one."""
+        ...
+
+    def count_by_state(self) -> dict[str, int]: ...
+
+    # --- claims: the worker's side
+
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        """Take the oldest QUEUED job, or RUNNING one whose lease expired, for `worker`:
+        RUNNING, attempts + 1, a new fence, started now, leased for `lease_s`. None when
+        there is none. Two callers never get the same claim."""
+        ...
+
+    def heartbeat(self, job_id: str, fence: int, lease_s: float) -> bool:
+        """Renew the lease for `lease_s` more; return whether a cancel was requested.
+        LeaseLost when the claim is no longer held."""
+        ...
+
+    def save_progress(self, job: Job) -> None:
+        """Write a RUNNING job's progress and samples under its claim (`job.fence`)."""
+        ...
+
+    def add_loss_points(self, job_id: str, fence: int, points: builtins.list[LossPoint]) -> None:
+        """Append points under the claim; a point for a step already stored replaces it (a
+        resumed run writes each step once)."""
+        ...
+
+    def save_checkpoint(self, job_id: str, fence: int, key: str) -> str:
+        """Record `key` as the job's newest checkpoint under the claim; return the key it
+        replaces ("" none), whose artifacts the caller may delete."""
+        ...
+
+    def finish(self, job: Job) -> None:
+        """End a claimed job: write its final state, error, progress and samples under the
+        claim, and drop the lease."""
+        ...
+
+    def release(self, job: Job) -> None:
+        """Give a claimed job back to the queue (a graceful shutdown): QUEUED again, in its
+        old place, this start not counted as an attempt; its checkpoint kept."""
+        ...
+
+    def expire_leases(self, worker: str) -> int:
+        """Expire every lease `worker` holds: a restarted replica's previous process is
+        gone, so its jobs need not wait out their leases. Returns how many."""
+        ...
+
+    # --- any replica
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A QUEUED job becomes CANCELLED; a RUNNING one gets a cancel request its worker
+        sees at its next heartbeat. Returns the job after, None when there is no such job;
+        a job already ended is returned unchanged."""
         ...
 
     def loss_curve(self, job_id: str) -> builtins.list[LossPoint]: ...
 
-    def count_by_state(self) -> dict[str, int]: ...
+    # --- adapters
+
+    def publish(self, job: Job, record: AdapterRecord) -> AdapterRecord:
+        """In one transaction, under the job's claim: index the adapter and mark the job
+        SUCCEEDED (with its progress and samples). If the job already published it (a
+        retried publish), return that record. AlreadyExists when another adapter holds the
+        id; LeaseLost when the claim is gone (nothing written)."""
+        ...
+
+    def add_adapter(self, record: AdapterRecord) -> AdapterRecord:
+        """Index an adapter that no job made (an import). AlreadyExists if the id is taken."""
+        ...
+
+    def get_adapter(self, adapter_id: str) -> AdapterRecord | None: ...
+
+    def list_adapters(self) -> builtins.list[AdapterRecord]:
+        """Newest first."""
+        ...
+
+    def delete_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        """Remove it from the index (every replica stops serving it); the removed record,
+        whose files the caller deletes, or None when there was none."""
+        ...
 
     def close(self) -> None: ...
 
 
-class SQLiteJobStore:
-    """One connection guarded by a lock: the service writes a handful of rows a second."""
+def open_job_store(url: str, *, default_path: Path) -> JobStore:
+    """The store a `--job-store` setting names: "" for SQLite at `default_path`,
+    "sqlite:///abs/path" for SQLite elsewhere, "postgresql://user@host:port/db?..." for
+    PostgreSQL (the password from libpq's PGPASSWORD or PGPASSFILE, never the URL)."""
+    if not url:
+        from tuneserve.jobs.store_sqlite import SQLiteJobStore
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        return SQLiteJobStore(default_path)
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from tuneserve.jobs.store_sqlite import SQLiteJobStore
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Under the lock; SQLite's "database or disk is full" comes out as the OSError
-        (ENOSPC) it is, so callers report a full disk rather than an internal error."""
-        with self._lock:
-            try:
-                yield
-            except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    raise OSError(errno.ENOSPC, f"the job store's disk is full ({e})") from e
-                raise
-
-    def insert(self, job: Job) -> None:
-        with self._writing():
-            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            self._db.execute(
-                "INSERT INTO jobs (id, seq, state, spec, progress, error, created_at, started_at,"
-                " finished_at, attempts, samples, request_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, seq, *self._columns(job), job.spec.request_id),
+        path = urlsplit(url).path
+        if not path.startswith("/"):
+            raise InvalidArgument(
+                "job_store: a SQLite URL names an absolute path: sqlite:///var/lib/jobs.db",
+                field="job_store",
             )
+        return SQLiteJobStore(Path(path))
+    if scheme in ("postgresql", "postgres"):
+        from tuneserve.jobs.store_postgres import PostgresJobStore
 
-    def update(self, job: Job) -> None:
-        with self._writing():
-            self._db.execute(
-                "UPDATE jobs SET state=?, spec=?, progress=?, error=?, created_at=?, started_at=?,"
-                " finished_at=?, attempts=?, samples=? WHERE id=?",
-                (*self._columns(job), job.id),
-            )
+        return PostgresJobStore(url)
+    raise InvalidArgument(
+        f"job_store: {redact(url)!r} is not a job store: give nothing (SQLite in the data "
+        "directory), sqlite:///path or postgresql://user@host:5432/db",
+        field="job_store",
+    )
 
-    def get(self, job_id: str) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
 
-    def find_by_request_id(self, request_id: str) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE request_id=?", (request_id,))
-
-    def list(self, *, state: JobState | None, offset: int, limit: int) -> list[Job]:
-        where, args = ("WHERE state=?", [state.value]) if state else ("", [])
-        return self._many(
-            f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
-            (*args, limit, offset),
-        )
-
-    def in_states(self, *states: JobState) -> builtins.list[Job]:
-        marks = ",".join("?" * len(states))
-        return self._many(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
-            tuple(s.value for s in states),
-        )
-
-    def add_loss_points(self, job_id: str, points: builtins.list[LossPoint]) -> None:
-        with self._writing():
-            self._db.executemany(
-                "INSERT OR REPLACE INTO loss_curve (job_id, step, epoch, loss, eval_loss)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(job_id, p.step, p.epoch, p.loss, p.eval_loss) for p in points],
-            )
-
-    def loss_curve(self, job_id: str) -> builtins.list[LossPoint]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT step, epoch, loss, eval_loss FROM loss_curve WHERE job_id=? ORDER BY step",
-                (job_id,),
-            ).fetchall()
-        return [LossPoint(*r) for r in rows]
-
-    def count_by_state(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {str(state): int(n) for state, n in rows}
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @staticmethod
-    def _columns(job: Job) -> tuple[object, ...]:
-        return (
-            job.state.value,
-            json.dumps(job.spec.to_dict()),
-            json.dumps(dataclasses.asdict(job.progress)),
-            json.dumps(dataclasses.asdict(job.error)) if job.error else None,
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-            job.attempts,
-            json.dumps(job.samples),
-        )
-
-    def _one(self, sql: str, args: tuple[object, ...]) -> Job | None:
-        rows = self._many(sql, args)
-        return rows[0] if rows else None
-
-    def _many(
-        self, sql: str, args: tuple[object, ...] | builtins.list[object]
-    ) -> builtins.list[Job]:
-        with self._lock:
-            cur = self._db.execute(sql, args)
-            names = [d[0] for d in cur.description]
-            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        return [self._job(r) for r in rows]
-
-    @staticmethod
-    def _job(r: dict[str, object]) -> Job:
-        error = json.loads(str(r["error"])) if r["error"] else None
-        return Job(
-            id=str(r["id"]),
-            spec=JobSpec.from_dict(json.loads(str(r["spec"]))),
-            state=JobState(r["state"]),
-            progress=Progress(**json.loads(str(r["progress"]))),
-            created_at=float(r["created_at"]),  # type: ignore[arg-type]
-            started_at=r["started_at"],  # type: ignore[arg-type]
-            finished_at=r["finished_at"],  # type: ignore[arg-type]
-            error=JobFailure(**error) if error else None,
-            attempts=int(r["attempts"]),  # type: ignore[call-overload]
-            samples=json.loads(str(r["samples"])) if r.get("samples") else [],
-        )
+def redact(url: str) -> str:
+    """`url` without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

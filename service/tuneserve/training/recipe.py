@@ -70,6 +70,7 @@ def train_lora(
     parent_adapter_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
     chat_renderer: TemplateRenderer | None = None,
+    on_checkpoint: Callable[[Path], None] = lambda path: None,
 ) -> TrainResult:
     tr, lora = spec.training, spec.lora
     device = next(model.parameters()).device
@@ -174,13 +175,14 @@ def train_lora(
 
     def write_checkpoint() -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(
+            written = save_checkpoint(
                 checkpoint_dir,
                 model=peft_model,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 progress=progress,
             )
+            on_checkpoint(written)  # the job worker keeps it where other replicas see it
 
     def stop() -> None:
         if progress.step > progress.resumed_from_step:  # resume here, not at the last save

@@ -47,6 +47,7 @@ class LoraTrainer:
         validation_rows: Sequence[Row] = (),
         parent_adapter_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
+        on_checkpoint: Callable[[Path], None] = lambda path: None,
     ) -> TrainResult:
         tokenizer = load_tokenizer(self.base_model)
         if spec.task is Task.CLASSIFICATION:
@@ -73,6 +74,7 @@ class LoraTrainer:
                 parent_adapter_dir=parent_adapter_dir,
                 checkpoint_dir=checkpoint_dir,
                 chat_renderer=self.chat_renderer,
+                on_checkpoint=on_checkpoint,
             )
         finally:
             del model
