@@ -163,3 +163,13 @@ def greedy_reference(model: Any, prompt_ids: list[int], n: int) -> list[int]:
             )
             tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+def adapter_files(data_dir: Path, adapter_id: str) -> Path:
+    """The directory holding an adapter's files in a server's embedded artifact store
+    (data_dir/artifacts/adapters/<id>/<version>): its one current version."""
+    versions = [
+        p for p in (data_dir / "artifacts" / "adapters" / adapter_id).iterdir() if p.is_dir()
+    ]
+    assert len(versions) == 1, versions
+    return versions[0]

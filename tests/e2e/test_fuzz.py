@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.support import ServerThread, make_config, vader_rows
+from tests.support import ServerThread, adapter_files, make_config, vader_rows
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
 
@@ -454,12 +454,12 @@ def _prepare(fuzz: Fuzzed, *, data: Path, roots: Path, imports: Path) -> None:
     copy = imports / "fuzz-seed-copy"
     copy.mkdir()
     for f in ("adapter_model.safetensors", "adapter_config.json"):
-        (copy / f).write_bytes((data / "adapters" / "fuzz-seed" / f).read_bytes())
+        (copy / f).write_bytes((adapter_files(data, "fuzz-seed") / f).read_bytes())
     fuzz.job_id = job.id
     fuzz.known = (
         *("fuzz-seed", "fuzz-classes", "fuzz-imported", "fuzz-new", job.id, PROMPT),
         *(str(dataset), str(roots), str(copy), str(imports), str(roots / ".." / "data")),
-        *(str(data / "jobs.sqlite3"), str(data / "adapters"), "good", "bad", "0", "50"),
+        *(str(data / "jobs.sqlite3"), str(data / "artifacts"), "good", "bad", "0", "50"),
     )
     parameters = pb.GenerationParameters(max_new_tokens=4, seed=1)
     fuzz.bases = {

@@ -4,6 +4,7 @@ error and registers nothing, and one damaged adapter on disk never breaks ListAd
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,13 @@ def test_poison_imports_and_damaged_entries_leave_list_adapters_working(
             assert words in e.value.message
         assert [a.id for a in client.list_adapters()] == ["good"]
 
-        # An entry damaged on disk (not written by this server, or corrupted since).
-        broken = tmp_path / "data" / "adapters" / "broken"
-        broken.mkdir()
-        (broken / "tuneserve.json").write_text('{"id": "broken", "r": 1e999')
+        # An entry damaged in the index (not written by this server, or corrupted since).
+        with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
+            db.execute(
+                "INSERT INTO adapters (id, version, key, info, source_job_id, created_at)"
+                " VALUES ('broken', 'v', 'adapters/broken/v', ?, '', 1)",
+                ('{"id": "broken", "r": 1e999',),
+            )
         assert [a.id for a in client.list_adapters()] == ["good"]
         with pytest.raises(ClientError) as e:
             client.get_adapter("broken")

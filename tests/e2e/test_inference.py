@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support import make_config, vader_rows
+from tests.support import adapter_files, make_config, vader_rows
 from tuneserve_client import ClientError, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 from tuneserve_client.v1 import tuneserve_pb2_grpc as pb_grpc
@@ -147,14 +147,14 @@ def test_load_pin_unload_and_import_adapters(
         assert e.value.code == grpc.StatusCode.NOT_FOUND
 
         # Import a PEFT directory made elsewhere (here: a copy of "second").
-        shutil.copytree(tmp_path / "data" / "adapters" / "second", imports / "peft-dir")
+        shutil.copytree(adapter_files(tmp_path / "data", "second"), imports / "peft-dir")
         imported = client.import_adapter(str(imports / "peft-dir"), "imported")
         assert imported.lora.r == 8 and imported.source_job_id == ""
         out = client.generate(rows[5]["prompt"], adapter_id="imported", greedy=True).text
         assert out == second
 
         with pytest.raises(ClientError) as e:
-            client.import_adapter(str(tmp_path / "data" / "adapters" / "second"), "outside")
+            client.import_adapter(str(adapter_files(tmp_path / "data", "second")), "outside")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "outside the allowed adapter roots" in e.value.message
 
@@ -162,7 +162,7 @@ def test_load_pin_unload_and_import_adapters(
     llama_server = server_factory(make_config(tiny_llama, tmp_path / "llama-data"))
     with TuneserveClient(llama_server.target) as client:
         _train(client, "llama", rows[:2])
-    shutil.copytree(tmp_path / "llama-data" / "adapters" / "llama", imports / "llama-dir")
+    shutil.copytree(adapter_files(tmp_path / "llama-data", "llama"), imports / "llama-dir")
     with TuneserveClient(server.target) as client:
         with pytest.raises(ClientError) as e:
             client.import_adapter(str(imports / "llama-dir"), "misfit")

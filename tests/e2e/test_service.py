@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support import ServerThread, make_config, vader_rows
+from tests.support import ServerThread, adapter_files, make_config, vader_rows
 from tuneserve_client import ClientError, TuneserveClient
 from tuneserve_client.v1 import tuneserve_pb2 as pb
 
@@ -67,7 +67,7 @@ def test_adapter_is_registered_with_metadata(served: dict) -> None:
     assert adapter.source_job_id == served["job"].id
     assert adapter.lora.r == 16 and adapter.steps == 120 and adapter.size_bytes > 0
     assert [a.id for a in client.list_adapters()] == ["vader"]
-    files = {p.name for p in (served["data"] / "adapters" / "vader").iterdir()}
+    files = {p.name for p in adapter_files(served["data"], "vader").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tuneserve.json"} <= files
 
 

@@ -68,7 +68,7 @@ def test_loading_and_classifying_run_on_threads_that_end(
     monkeypatch.setattr(engine_module, "load_model", load_model)
     monkeypatch.setattr(Classifier, "classify", classify)
     engine = Engine(
-        config=make_config(tiny_gpt2, tmp_path), registry=AdapterRegistry(tmp_path / "adapters")
+        config=make_config(tiny_gpt2, tmp_path), registry=local_registry(tmp_path / "adapters")
     )
     engine.load()
     try:
@@ -146,7 +146,7 @@ def test_a_model_whose_cache_the_batch_cannot_hold_is_refused_at_load(
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     engine = Engine(
-        config=make_config(model_dir, tmp_path), registry=AdapterRegistry(tmp_path / "adapters")
+        config=make_config(model_dir, tmp_path), registry=local_registry(tmp_path / "adapters")
     )
     loaded: list[str] = []
     monkeypatch.setattr(engine_module, "load_model", lambda base, **_: loaded.append(base))

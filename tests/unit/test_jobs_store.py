@@ -5,6 +5,7 @@ replicas."""
 from __future__ import annotations
 
 import errno
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ def record(adapter_id: str, job_id: str = "", version: str = "v1") -> AdapterRec
         id=adapter_id,
         version=version,
         key=f"adapters/{adapter_id}/{version}",
-        info='{"id": "%s"}' % adapter_id,
+        info=json.dumps({"id": adapter_id}),
         source_job_id=job_id,
         created_at=time.time(),
     )
