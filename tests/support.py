@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -92,13 +93,18 @@ BIN = Path(sys.executable).parent / "tuneserve"
 
 
 class ServerProcess:
-    def __init__(self, model: Path, data: Path, *extra: str) -> None:
-        self._spawn(model, data, *extra)
+    def __init__(
+        self, model: Path, data: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        self._spawn(model, data, *extra, env=env)
         self.client = TuneserveClient(self.target)
         self.client.wait_ready(timeout=120)
 
-    def _spawn(self, model: Path, data: Path, *extra: str) -> None:
-        """Start `tuneserve serve` and wait until it reports its port (not until SERVING)."""
+    def _spawn(
+        self, model: Path, data: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        """Start `tuneserve serve` and wait until it reports its port (not until SERVING);
+        `env`: variables added to this process's environment."""
         self.proc = subprocess.Popen(
             [
                 str(BIN),
@@ -118,6 +124,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **env} if env else None,
         )
         self.lines: list[str] = []
         self._port = threading.Event()
