@@ -172,7 +172,13 @@ class _JobsCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[Any]:
-        counts = self._counts()
+        try:
+            counts = self._counts()
+        except Exception as e:
+            # The shared job store unreachable: the rest of /metrics (the GPUs, generation)
+            # still scrapes; these series are absent until it is back.
+            log.warning("job counts left out of this scrape: %s", e)
+            return
         jobs = GaugeMetricFamily("tuneserve_jobs", "Jobs by state.", labels=("state",))
         for state in JOB_STATES:
             jobs.add_metric([state], counts.get(state, 0))

@@ -173,7 +173,16 @@ class JobStore(Protocol):
 def open_job_store(url: str, *, default_path: Path) -> JobStore:
     """The store a `--job-store` setting names: "" for SQLite at `default_path`,
     "sqlite:///abs/path" for SQLite elsewhere, "postgresql://user@host:port/db?..." for
-    PostgreSQL (the password from libpq's PGPASSWORD or PGPASSFILE, never the URL)."""
+    PostgreSQL (the password best from libpq's PGPASSWORD or PGPASSFILE; one in the URL is
+    accepted and never logged)."""
+    try:
+        urlsplit(url)
+    except ValueError as e:
+        raise InvalidArgument(
+            f"job_store: not a URL ({e}); give nothing, sqlite:///path or "
+            "postgresql://user@host:5432/db",
+            field="job_store",
+        ) from None
     if not url:
         from tuneserve.jobs.store_sqlite import SQLiteJobStore
 
