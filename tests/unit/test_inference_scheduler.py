@@ -31,7 +31,7 @@ from tuneserve.inference.lora_batch import LoraPair
 from tuneserve.inference.params import FinishReason, GenerationChunk, SamplingParams, resolve_params
 from tuneserve.inference.scheduler import Request, Scheduler
 from tuneserve.models import load_model, load_tokenizer
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import AdapterRegistry, local_registry
 from tuneserve.tiny_models import SLIDING_WINDOW, build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +51,7 @@ PROMPTS = [
 def registry(
     tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: Path, add_adapter: Any
 ) -> AdapterRegistry:
-    registry = AdapterRegistry(tmp_path_factory.mktemp("registry"))
+    registry = local_registry(tmp_path_factory.mktemp("registry"))
     add_adapter(registry, tiny_gpt2, "a1", seed=1)
     add_adapter(registry, tiny_gpt2, "a2", seed=2)
     add_adapter(registry, tiny_gpt2, "classifier", seed=3, task="classification", labels=("n",))
@@ -240,7 +240,7 @@ def test_a_sliding_window_model_batched_gives_what_it_gives_alone_past_its_windo
     outgrow it, joining a running batch, each give plain transformers' greedy tokens."""
     mistral = build_tiny_model(tmp_path / "mistral", architecture="mistral")
     tokenizer = load_tokenizer(str(mistral))
-    registry = AdapterRegistry(tmp_path / "registry")
+    registry = local_registry(tmp_path / "registry")
     adapters = AdapterCache(
         model=fresh_model(mistral), registry=registry, base_model=str(mistral), capacity=1
     )
@@ -499,7 +499,7 @@ def test_an_adapter_that_fails_to_load_fails_its_request_not_the_scheduler(
     add_adapter: Any,
     tokenizer: Any,
 ) -> None:
-    registry = AdapterRegistry(tmp_path / "adapters")
+    registry = local_registry(tmp_path / "adapters")
     add_adapter(registry, tiny_gpt2, "broken", seed=1)
     weights = registry.path("broken") / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
