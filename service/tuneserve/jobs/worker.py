@@ -248,7 +248,8 @@ class Worker:
         checkpoints = job_dir / "checkpoints"
         checkpoints.mkdir(parents=True)
         staging = self._registry.staging_dir()
-        log.info("job %s started (attempt %d, fence %d)", job.id, job.attempts, job.fence)
+        log.info("job %s started (attempt %d)", job.id, job.attempts)
+        log.debug("job %s holds fence %d on %s", job.id, job.fence, self.worker_id)
         try:
             rows, validation = self._dataset(job, job_dir)
             if job.checkpoint:  # the last worker's progress: resume there
