@@ -133,6 +133,15 @@ class JobStore(Protocol):
         gone, so its jobs need not wait out their leases. Returns how many."""
         ...
 
+    def ended_with_checkpoints(self) -> builtins.list[str]:
+        """Ended jobs whose checkpoints were not deleted yet (their replica died between
+        the end and the clean-up)."""
+        ...
+
+    def forget_checkpoint(self, job_id: str) -> None:
+        """An ended job's checkpoints are deleted: clear its record of them."""
+        ...
+
     # --- any replica
 
     def cancel(self, job_id: str) -> Job | None:

@@ -210,6 +210,22 @@ class SqlJobStore(abc.ABC):
             )
             return tx.rowcount
 
+    def ended_with_checkpoints(self) -> builtins.list[str]:
+        final = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+        with self._tx() as tx:
+            rows = tx.execute(
+                "SELECT id FROM jobs WHERE checkpoint != '' AND state IN (?, ?, ?)", final
+            )
+        return [str(r[0]) for r in rows]
+
+    def forget_checkpoint(self, job_id: str) -> None:
+        final = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE jobs SET checkpoint='' WHERE id=? AND state IN (?, ?, ?)",
+                (job_id, *final),
+            )
+
     # --- any replica
 
     def cancel(self, job_id: str) -> Job | None:

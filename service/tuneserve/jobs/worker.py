@@ -139,6 +139,8 @@ class Worker:
         self._work_dir.mkdir(parents=True, exist_ok=True)
         if expired := self._store.expire_leases(self.worker_id):
             log.info("%d job(s) of this replica's previous process will be resumed", expired)
+        for job_id in self._store.ended_with_checkpoints():  # a replica died cleaning up
+            self._drop_checkpoints(job_id)
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
         self._thread.start()
 
@@ -408,11 +410,15 @@ class Worker:
     def _ended(self, job: Job, state: JobState) -> None:
         if job.started_at is not None:
             self._observer.job_finished(state=state.value, seconds=time.time() - job.started_at)
-        try:  # only an unfinished job resumes
-            self._artifacts.delete(checkpoint_prefix(job.id))
-        except Exception as e:
-            log.warning("job %s: its checkpoints were not deleted (%s)", job.id, e)
+        self._drop_checkpoints(job.id)  # only an unfinished job resumes
         log.info("job %s %s", job.id, state.value)
+
+    def _drop_checkpoints(self, job_id: str) -> None:
+        try:
+            self._artifacts.delete(checkpoint_prefix(job_id))
+            self._store.forget_checkpoint(job_id)
+        except Exception as e:  # left for the next start's sweep
+            log.warning("job %s: its checkpoints were not deleted (%s)", job_id, e)
 
 
 DISK_FULL_FREE_BYTES = 64 * 1024 * 1024
