@@ -116,7 +116,8 @@ class AdapterRegistry:
         gets that adapter back. AlreadyExists when another adapter has the id. `info` must
         hold values an adapter can have (ValueError). `staging` is consumed."""
         check_adapter_id(info.id)
-        size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+        meta = staging / METADATA_FILE  # an imported adapter's old one: replaced, not counted
+        size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file() and p != meta)
         info = AdapterInfo(**{**asdict(info), "size_bytes": size})
         text = json.dumps(asdict(info), indent=2)
         try:

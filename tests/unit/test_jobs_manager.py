@@ -1,26 +1,34 @@
-"""tuneserve.jobs.manager with a fake trainer: the queue, cancellation, idempotency and
-restart recovery. No model is loaded; the fake writes a file and reports progress."""
+"""tuneserve.jobs.manager and tuneserve.jobs.worker with a fake trainer, wired as app.py
+wires them: one SQLite job store, a local artifact store, the adapter registry indexing in
+the store, a Worker that claims jobs from it and a JobManager in front. The queue,
+cancellation, idempotency, restart recovery, leases and fencing across replicas (two
+stores opened on one database stand for two replicas). No model is loaded; the fake writes
+a file, reports progress and commits a checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from tuneserve.data.rows import Row, write_snapshot
+from tuneserve.data.rows import Row, read_snapshot, write_snapshot
 from tuneserve.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
+from tuneserve.jobs import worker as worker_module
 from tuneserve.jobs.manager import JobManager, Limits, TrainRequest
 from tuneserve.jobs.model import (
     DatasetFormat,
@@ -32,13 +40,19 @@ from tuneserve.jobs.model import (
     Task,
     TrainingSpec,
 )
-from tuneserve.jobs.store import LossPoint, SQLiteJobStore
+from tuneserve.jobs.store import JobStore, LossPoint
+from tuneserve.jobs.store_sqlite import SQLiteJobStore
+from tuneserve.jobs.worker import Worker, checkpoint_prefix, dataset_key
 from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.storage.artifacts import LocalArtifactStore
+from tuneserve.storage.cache import ArtifactCache
 from tuneserve.training.recipe import StopTraining
 
 TIMEOUT = 10.0
+LEASE_S = 30.0  # heartbeats every 10 s: tests that need them sooner say so
 ROWS = [{"prompt": "Q: hi", "response": " A: hello"}, {"prompt": "Q: bye", "response": " A: ciao"}]
 WEIGHTS = b"fake adapter weights"
+CHECKPOINT_FILE = "state.bin"
 
 
 @dataclass
@@ -53,16 +67,22 @@ class FakeResult:
 
 @dataclass
 class FakeTrainer:
-    """Has the Trainer signature. With `hold` set it waits after its first step until
-    `release` is set or it is told to stop."""
+    """Has the Trainer signature. Three steps; after step 1 it writes a checkpoint into its
+    checkpoint_dir and commits it by `on_checkpoint`, as the real one does. With `hold` set
+    it waits after step `hold_step` until `release` is set or it is told to stop."""
 
     hold: bool = False
+    hold_step: int = 1
     error: Exception | None = None
+    weights: bytes = WEIGHTS
     started: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     calls: list[tuple[str, list[Row]]] = field(default_factory=list)
     more: list[dict[str, Any]] = field(default_factory=list)  # the other keyword arguments
     threads: list[threading.Thread] = field(default_factory=list)  # where each call ran
+    # Each call's checkpoint_dir as the call found it: relative path -> bytes.
+    found: list[dict[str, bytes]] = field(default_factory=list)
 
     def __call__(
         self,
@@ -72,27 +92,40 @@ class FakeTrainer:
         output_dir: Path,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
+        checkpoint_dir: Path | None,
+        on_checkpoint: Callable[[Path], None],
         **more: Any,
     ) -> FakeResult:
         self.calls.append((spec.adapter_id, list(rows)))
-        self.more.append(more)
+        self.more.append({**more, "checkpoint_dir": checkpoint_dir})
         self.threads.append(threading.current_thread())
-        if (checkpoints := more.get("checkpoint_dir")) is not None:  # as the real one does
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            (checkpoints / "step-00000001").write_bytes(b"checkpoint")
+        assert checkpoint_dir is not None
+        self.found.append(
+            {
+                p.relative_to(checkpoint_dir).as_posix(): p.read_bytes()
+                for p in sorted(checkpoint_dir.rglob("*"))
+                if p.is_file()
+            }
+        )
         self.started.set()
         steps = 3
         for step in range(1, steps + 1):
             if should_stop():
                 raise StopTraining
             on_progress(Progress(step=step, total_steps=steps, loss=1.0 / step))
-            if step == 1 and self.hold:
+            if step == 1:
+                written = checkpoint_dir / "step-00000001"
+                written.mkdir(exist_ok=True)
+                (written / CHECKPOINT_FILE).write_bytes(b"checkpoint at 1")
+                on_checkpoint(written)
+            if step == self.hold_step and self.hold:
+                self.held.set()
                 wait_until(lambda: self.release.is_set() or should_stop())
         if should_stop():
             raise StopTraining
         if self.error is not None:
             raise self.error
-        (output_dir / "adapter_model.safetensors").write_bytes(WEIGHTS)
+        (output_dir / "adapter_model.safetensors").write_bytes(self.weights)
         return FakeResult(final_loss=1.0 / steps, steps=steps, trained_tokens=42)
 
 
@@ -106,24 +139,94 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
 
 @dataclass
 class Env:
+    """The shared parts (the job store's database, the artifact store) and the replicas
+    made on them. `store` and `registry` are the first replica's."""
+
     tmp: Path
     store: SQLiteJobStore
+    artifacts: LocalArtifactStore
     registry: AdapterRegistry
     trainer: FakeTrainer
     registered: list[AdapterInfo]
-    managers: list[JobManager]
+    managers: list[JobManager] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+    trainers: list[FakeTrainer] = field(default_factory=list)
+    stores: list[JobStore] = field(default_factory=list)
+
+    def open_store(self) -> SQLiteJobStore:
+        """Another replica's connection to the one database."""
+        store = SQLiteJobStore(self.tmp / "jobs.sqlite3")
+        self.stores.append(store)
+        return store
+
+    def open_registry(self, store: JobStore, name: str) -> AdapterRegistry:
+        """A replica's registry: the shared index and artifact store, its own cache and
+        staging directory."""
+        return AdapterRegistry(
+            index=store,
+            artifacts=self.artifacts,
+            cache=ArtifactCache(self.artifacts, self.tmp / f"cache-{name}", max_bytes=1 << 30),
+            staging_root=self.tmp / f"staging-{name}",
+        )
+
+    def worker(
+        self,
+        *,
+        store: JobStore | None = None,
+        registry: AdapterRegistry | None = None,
+        trainer: Any = None,
+        worker_id: str = "test",
+        lease_s: float = LEASE_S,
+        max_job_attempts: int = 3,
+    ) -> Worker:
+        w = Worker(
+            store=store or self.store,
+            registry=registry or self.registry,
+            artifacts=self.artifacts,
+            trainer=trainer or self.trainer,
+            work_dir=self.tmp / "work" / f"{worker_id}-{len(self.workers)}",
+            worker_id=worker_id,
+            lease_s=lease_s,
+            max_job_attempts=max_job_attempts,
+            on_adapter_registered=self.registered.append,
+        )
+        self.workers.append(w)
+        return w
 
     def manager(
-        self, limits: Limits | None = None, *, start: bool = False, **more: Any
+        self,
+        limits: Limits | None = None,
+        *,
+        start: bool = False,
+        trains: bool = True,
+        store: JobStore | None = None,
+        registry: AdapterRegistry | None = None,
+        trainer: Any = None,
+        worker_id: str = "test",
+        lease_s: float = LEASE_S,
+        **more: Any,
     ) -> JobManager:
+        """A replica's JobManager; `trains` False: its role only serves (no worker)."""
+        limits = limits or Limits()
+        store = store or self.store
+        registry = registry or self.registry
+        worker = None
+        if trains:
+            worker = self.worker(
+                store=store,
+                registry=registry,
+                trainer=trainer,
+                worker_id=worker_id,
+                lease_s=lease_s,
+                max_job_attempts=limits.max_job_attempts,
+            )
         m = JobManager(
-            store=self.store,
-            registry=self.registry,
-            trainer=self.trainer,
+            store=store,
+            registry=registry,
+            artifacts=self.artifacts,
+            worker=worker,
             base_model="tiny-base",
-            datasets_dir=self.tmp / "datasets",
-            limits=limits or Limits(),
-            on_adapter_registered=self.registered.append,
+            limits=limits,
             **more,
         )
         self.managers.append(m)
@@ -131,21 +234,52 @@ class Env:
             m.start()
         return m
 
+    def replica(
+        self, name: str, *, trainer: FakeTrainer | None = None, **kw: Any
+    ) -> tuple[JobManager, AdapterRegistry]:
+        """Another replica: its own connection to the database, registry and worker id."""
+        store = self.open_store()
+        registry = self.open_registry(store, name)
+        if trainer is not None:
+            self.trainers.append(trainer)
+        m = self.manager(store=store, registry=registry, trainer=trainer, worker_id=name, **kw)
+        return m, registry
+
+
+@pytest.fixture(autouse=True)
+def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker polls the store every second; tests need not wait that long."""
+    monkeypatch.setattr(worker_module, "IDLE_POLL_S", 0.05)
+    monkeypatch.setattr(worker_module, "RETRY_S", 0.05)
+
 
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[Env]:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
     e = Env(
         tmp=tmp_path,
-        store=SQLiteJobStore(tmp_path / "jobs.sqlite3"),
-        registry=AdapterRegistry(tmp_path / "adapters"),
+        store=store,
+        artifacts=artifacts,
+        registry=AdapterRegistry(
+            index=store,
+            artifacts=artifacts,
+            cache=ArtifactCache(artifacts, tmp_path / "cache", max_bytes=1 << 30),
+            staging_root=tmp_path / "staging",
+        ),
         trainer=FakeTrainer(),
         registered=[],
-        managers=[],
     )
+    e.trainers.append(e.trainer)
     yield e
-    e.trainer.release.set()
+    for trainer in e.trainers:
+        trainer.release.set()
     for m in e.managers:
         m.stop(timeout=TIMEOUT)
+    for w in e.workers:  # those made without a manager
+        w.stop(timeout=TIMEOUT)
+    for s in e.stores:
+        s.close()
     e.store.close()
 
 
@@ -158,6 +292,46 @@ def wait_state(manager: JobManager, job_id: str, state: JobState) -> Job:
     return manager.get(job_id)
 
 
+def put_snapshot(env: Env, job_id: str, rows: list[Row]) -> None:
+    """A dataset snapshot in the artifact store, as JobManager.submit leaves it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_snapshot(rows, Path(tmp) / worker_module.TRAIN_FILE)
+        env.artifacts.put_dir(dataset_key(job_id), Path(tmp))
+
+
+def spec_of(adapter_id: str, rows: int = 2, form: DatasetFormat | None = None) -> JobSpec:
+    return JobSpec(
+        base_model="tiny-base",
+        adapter_id=adapter_id,
+        dataset_format=form or DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=rows,
+    ).validate()
+
+
+def insert_running(
+    env: Env,
+    job_id: str,
+    adapter_id: str,
+    *,
+    worker: str = "test",
+    lease_s: float = 3600.0,
+    **job: Any,
+) -> Job:
+    """A job a replica that died claimed (`worker`, its lease for `lease_s`), with its
+    dataset snapshot; returns the claim."""
+    put_snapshot(env, job_id, ROWS)
+    env.store.insert(Job(id=job_id, spec=spec_of(adapter_id), **job))
+    claimed = env.store.claim(worker, lease_s)
+    assert claimed is not None and claimed.id == job_id
+    return claimed
+
+
+def adapter_versions(env: Env, adapter_id: str) -> list[str]:
+    """The versions under an adapter's key prefix in the artifact store."""
+    directory = env.artifacts.root / "adapters" / adapter_id
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
 def test_submitted_job_is_queued_then_succeeds_with_its_adapter(env: Env) -> None:
     m = env.manager()
     job = m.submit(request("vader", training=TrainingSpec(epochs=1)))
@@ -167,11 +341,15 @@ def test_submitted_job_is_queued_then_succeeds_with_its_adapter(env: Env) -> Non
     assert job.spec.base_model == "tiny-base"
     assert job.spec.dataset_format is DatasetFormat.PROMPT_RESPONSE
     assert job.spec.dataset_rows == 2
+    # The validated rows are kept in the artifact store, where any replica finds them.
+    snapshot = env.artifacts.local_path(dataset_key(job.id))
+    assert snapshot is not None
+    assert read_snapshot(snapshot / worker_module.TRAIN_FILE) == ROWS
 
     m.start()
     done = wait_state(m, job.id, JobState.SUCCEEDED)
     assert done.error is None
-    assert done.attempts == 1
+    assert (done.attempts, done.fence) == (1, 1)
     assert done.finished_at is not None and done.started_at is not None
     assert env.trainer.calls == [("vader", ROWS)]  # trained on the snapshot of the rows
 
@@ -183,9 +361,13 @@ def test_submitted_job_is_queued_then_succeeds_with_its_adapter(env: Env) -> Non
     assert (env.registry.path("vader") / "adapter_model.safetensors").read_bytes() == WEIGHTS
     wait_until(lambda: len(env.registered) == 1)
     assert env.registered[0].id == "vader"
-    # Finished state is in the store, not only in memory.
+    # Finished state is in the store, not only in memory; so is the adapter's index row.
     stored = env.store.get(job.id)
     assert stored is not None and stored.state is JobState.SUCCEEDED
+    record = env.store.get_adapter("vader")
+    assert record is not None and record.source_job_id == job.id
+    assert env.registry.path("vader") == env.artifacts.local_path(record.key)
+    assert adapter_versions(env, "vader") == [record.version]
 
 
 def test_each_job_runs_on_a_thread_of_its_own_that_ends_with_it(env: Env) -> None:
@@ -270,7 +452,7 @@ def test_cancel_a_running_job(env: Env) -> None:
     env.trainer.release.set()
     wait_state(m, nxt.id, JobState.SUCCEEDED)
     assert env.registry.exists("next")
-    staging = env.registry.root / ".staging"
+    staging = env.registry.staging_root
     wait_until(lambda: list(staging.iterdir()) == [])  # the partial adapter was removed
     stored = env.store.get(job.id)
     assert stored is not None and stored.state is JobState.CANCELLED
@@ -345,39 +527,51 @@ def test_dataset_file_under_a_root_is_snapshotted(env: Env) -> None:
     assert env.trainer.calls == [("from-file", [{"text": "one"}, {"text": "two"}])]
 
 
-def test_interrupted_running_job_is_requeued_on_start(env: Env) -> None:
-    old = JobSpec(
-        base_model="tiny-base",
-        adapter_id="interrupted",
-        dataset_format=DatasetFormat.PROMPT_RESPONSE,
-        dataset_rows=2,
-    ).validate()
-    queued = JobSpec(**{**old.__dict__, "adapter_id": "queued-after"})
-    write_snapshot(ROWS, env.tmp / "datasets" / "j-run.jsonl")
-    write_snapshot(ROWS, env.tmp / "datasets" / "j-q.jsonl")
-    env.store.insert(
-        Job(id="j-run", spec=old, state=JobState.RUNNING, attempts=1, progress=Progress(step=2))
-    )
-    env.store.insert(Job(id="j-q", spec=queued, state=JobState.QUEUED))
+@pytest.mark.parametrize(
+    ("dead", "lease_s"),
+    [("test", 3600.0), ("gone", 0.0)],
+    ids=["this-replica-restarted", "another-replicas-lease-expired"],
+)
+def test_a_running_job_whose_worker_died_is_claimed_again(
+    env: Env, dead: str, lease_s: float
+) -> None:
+    """Left RUNNING by a process that died: this replica restarted under the same id (its
+    old leases are void at once), or another replica whose lease has run out."""
+    insert_running(env, "j-run", "interrupted", worker=dead, lease_s=lease_s)
+    put_snapshot(env, "j-q", ROWS)
+    env.store.insert(Job(id="j-q", spec=spec_of("queued-after")))
 
     m = env.manager(Limits(max_job_attempts=3), start=True)
     done = wait_state(m, "j-run", JobState.SUCCEEDED)
     wait_state(m, "j-q", JobState.SUCCEEDED)
-    assert done.attempts == 2
+    assert (done.attempts, done.fence) == (2, 2)
     assert env.registry.exists("interrupted")
     # Oldest first: the interrupted job keeps its place ahead of the later one.
     assert [c[0] for c in env.trainer.calls] == ["interrupted", "queued-after"]
 
 
+def test_a_job_under_another_replicas_live_lease_is_left_to_it(env: Env) -> None:
+    insert_running(env, "j-run", "theirs", worker="other", lease_s=3600.0)
+    m = env.manager(start=True)
+    later = m.submit(request("mine"))
+    wait_state(m, later.id, JobState.SUCCEEDED)
+    time.sleep(0.2)  # a few more polls
+    assert [c[0] for c in env.trainer.calls] == ["mine"]
+    running = m.get("j-run")
+    assert (running.state, running.fence) == (JobState.RUNNING, 1)
+    # Once its lease is gone (that replica restarted), it is this one's to resume.
+    assert env.store.expire_leases("other") == 1
+    assert wait_state(m, "j-run", JobState.SUCCEEDED).fence == 2
+
+
 def test_job_interrupted_too_often_fails_instead_of_running(env: Env) -> None:
-    spec = JobSpec(
-        base_model="tiny-base",
-        adapter_id="crashy",
-        dataset_format=DatasetFormat.TEXT,
-        dataset_rows=1,
-    ).validate()
-    write_snapshot([{"text": "x"}], env.tmp / "datasets" / "j1.jsonl")
-    env.store.insert(Job(id="j1", spec=spec, state=JobState.RUNNING, attempts=3))
+    put_snapshot(env, "j1", [{"text": "x"}])
+    env.store.insert(Job(id="j1", spec=spec_of("crashy", 1, DatasetFormat.TEXT)))
+    for attempt in (1, 2, 3):  # three replicas claimed it and died
+        time.sleep(0.01)
+        claimed = env.store.claim("gone", 0.0)
+        assert claimed is not None and (claimed.id, claimed.attempts) == ("j1", attempt)
+    time.sleep(0.01)
 
     m = env.manager(Limits(max_job_attempts=3), start=True)
     failed = wait_state(m, "j1", JobState.FAILED)
@@ -432,7 +626,7 @@ def test_trainer_exception_fails_the_job_with_its_message(env: Env) -> None:
     assert "CUDA out of memory" in failed.error.message
     assert "RuntimeError" in failed.error.message
     assert not env.registry.exists("vader")
-    staging = env.registry.root / ".staging"
+    staging = env.registry.staging_root
     wait_until(lambda: list(staging.iterdir()) == [])  # the partial adapter is removed
     # The worker survives and runs the next job.
     env.trainer.error = None
@@ -472,14 +666,7 @@ class BarrierStore:
 
 @pytest.mark.parametrize("adapter_id", ["vader", ""])
 def test_concurrent_submits_with_one_request_id_get_the_same_job(env: Env, adapter_id: str) -> None:
-    m = JobManager(
-        store=BarrierStore(env.store),
-        registry=env.registry,
-        trainer=env.trainer,
-        base_model="tiny-base",
-        datasets_dir=env.tmp / "datasets",
-        limits=Limits(),
-    )
+    m = env.manager(store=cast(JobStore, BarrierStore(env.store)), trains=False)
     results: list[Any] = [None, None]
 
     def submit(i: int) -> None:
@@ -567,7 +754,10 @@ def test_without_validation_the_trainer_gets_none(env: Env) -> None:
     assert job.spec.validation_rows == 0
     assert env.trainer.more[0]["validation_rows"] == []
     assert env.trainer.more[0]["parent_adapter_dir"] is None
-    assert env.trainer.more[0]["checkpoint_dir"] is None
+    # A fresh checkpoint directory of its own, under the worker's work directory.
+    checkpoints = env.trainer.more[0]["checkpoint_dir"]
+    assert checkpoints.is_relative_to(env.tmp / "work")
+    assert env.trainer.found == [{}]  # nothing to resume from
 
 
 def test_given_validation_rows_reach_the_trainer_and_nothing_is_held_out(env: Env) -> None:
@@ -855,47 +1045,102 @@ def test_chat_template_accepted_by_transformers_is_accepted(env: Env) -> None:
     assert job.spec.chat_template == template
 
 
-# --- resumable checkpoints
+# --- resumable checkpoints, in the artifact store
 
 
-def test_trainer_gets_a_checkpoint_dir_per_job_removed_when_it_finishes(env: Env) -> None:
-    checkpoints = env.tmp / "checkpoints"
-    m = env.manager(checkpoints_dir=checkpoints, start=True)
-    job = run_to_success(m, request("vader"))
-    assert env.trainer.more[0]["checkpoint_dir"] == checkpoints / job.id
-    assert not (checkpoints / job.id).exists()  # a finished job never resumes
+def checkpoint_key(job: Job, fence: int) -> str:
+    return f"{checkpoint_prefix(job.id)}/{fence}-00000001"
+
+
+def wait_checkpoints_gone(env: Env, job_id: str) -> None:
+    """An ended job's checkpoints are deleted just after its end is committed."""
+    wait_until(lambda: not (env.artifacts.root / checkpoint_prefix(job_id)).exists())
+
+
+def test_a_committed_checkpoint_lands_in_the_artifact_store_and_the_job_names_it(
+    env: Env,
+) -> None:
+    env.trainer.hold = True
+    m = env.manager(start=True)
+    job = m.submit(request("vader"))
+    assert env.trainer.held.wait(TIMEOUT)
+    stored = env.store.get(job.id)
+    assert stored is not None and stored.checkpoint == checkpoint_key(job, 1)
+    files = env.artifacts.local_path(stored.checkpoint)
+    assert files is not None
+    assert (files / CHECKPOINT_FILE).read_bytes() == b"checkpoint at 1"
+    env.trainer.release.set()
+    wait_state(m, job.id, JobState.SUCCEEDED)
+
+
+def test_a_finished_job_leaves_no_checkpoint_behind(env: Env) -> None:
+    m = env.manager(start=True)
+    job = m.submit(request("vader"))
+    wait_state(m, job.id, JobState.SUCCEEDED)
+    checkpoints = env.trainer.more[0]["checkpoint_dir"]
+    assert checkpoints.name == "checkpoints" and checkpoints.parent.name == f"{job.id}-1"
+    wait_until(lambda: not checkpoints.parent.exists())  # the worker's copy
+    wait_checkpoints_gone(env, job.id)  # a finished job never resumes
 
 
 @pytest.mark.parametrize("outcome", [JobState.FAILED, JobState.CANCELLED])
 def test_checkpoints_of_a_failed_or_cancelled_job_are_removed(env: Env, outcome: JobState) -> None:
-    checkpoints = env.tmp / "checkpoints"
     env.trainer.hold = outcome is JobState.CANCELLED
     env.trainer.error = RuntimeError("boom") if outcome is JobState.FAILED else None
-    m = env.manager(checkpoints_dir=checkpoints, start=True)
+    m = env.manager(start=True)
     job = m.submit(request("vader"))
     assert env.trainer.started.wait(TIMEOUT)
     if outcome is JobState.CANCELLED:
-        wait_until(lambda: m.get(job.id).progress.step == 1)
+        assert env.trainer.held.wait(TIMEOUT)
+        assert env.store.get(job.id).checkpoint  # type: ignore[union-attr]
         m.cancel(job.id)
     wait_state(m, job.id, outcome)
-    assert not (checkpoints / job.id).exists()
+    wait_checkpoints_gone(env, job.id)
 
 
 def test_checkpoints_survive_a_shutdown_for_the_next_process(env: Env) -> None:
-    checkpoints = env.tmp / "checkpoints"
     env.trainer.hold = True
-    m = env.manager(checkpoints_dir=checkpoints, start=True)
+    m = env.manager(start=True)
     job = m.submit(request("vader"))
-    assert env.trainer.started.wait(TIMEOUT)
-    wait_until(lambda: m.get(job.id).progress.step == 1)
+    assert env.trainer.held.wait(TIMEOUT)
     m.stop(timeout=TIMEOUT)
-    assert (checkpoints / job.id / "step-00000001").is_file()  # kept to resume from
+    stored = env.store.get(job.id)
+    assert stored is not None and stored.state is JobState.QUEUED
+    assert stored.checkpoint == checkpoint_key(job, 1)  # kept to resume from
+    assert env.artifacts.exists(stored.checkpoint)
 
     env.trainer.hold = False
-    m2 = env.manager(checkpoints_dir=checkpoints, start=True)
-    wait_state(m2, job.id, JobState.SUCCEEDED)
-    assert [more["checkpoint_dir"] for more in env.trainer.more] == [checkpoints / job.id] * 2
-    assert not (checkpoints / job.id).exists()
+    m2 = env.manager(start=True)
+    done = wait_state(m2, job.id, JobState.SUCCEEDED)
+    assert done.fence == 2
+    # The resumed run found the checkpoint in its checkpoint directory.
+    assert env.trainer.found == [{}, {f"step-00000001/{CHECKPOINT_FILE}": b"checkpoint at 1"}]
+    wait_checkpoints_gone(env, job.id)
+
+
+def test_a_job_whose_replica_died_resumes_on_another_from_its_last_checkpoint(
+    env: Env,
+) -> None:
+    """Replica "gone" claimed the job, committed a checkpoint at step 2 and two loss points,
+    and died; replica "b" claims it once the lease expired, resumes from that checkpoint,
+    and the loss curve has every step once."""
+    dead = insert_running(env, "j1", "vader", worker="gone", lease_s=0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / CHECKPOINT_FILE).write_bytes(b"checkpoint at 2")
+        env.artifacts.put_dir(f"{checkpoint_prefix('j1')}/1-00000002", Path(tmp))
+    env.store.save_checkpoint("j1", dead.fence, f"{checkpoint_prefix('j1')}/1-00000002")
+    points = [LossPoint(step=s, epoch=0.0, loss=9.0) for s in (1, 2)]
+    env.store.add_loss_points("j1", dead.fence, points)
+
+    b, registry_b = env.replica("b", trainer=FakeTrainer(), start=True)
+    done = wait_state(b, "j1", JobState.SUCCEEDED)
+    trainer = env.trainers[-1]
+    assert trainer.found == [{f"step-00000002/{CHECKPOINT_FILE}": b"checkpoint at 2"}]
+    assert (done.attempts, done.fence) == (2, 2)
+    assert [p.step for p in b.loss_curve("j1")] == [1, 2, 3]
+    assert [p.loss for p in b.loss_curve("j1")][:2] == [1.0, 0.5]  # the resumed run's
+    assert registry_b.get("vader").source_job_id == "j1"
+    wait_checkpoints_gone(env, "j1")
 
 
 # --- loss curve
@@ -921,16 +1166,7 @@ def curve_trainer(
 
 
 def manager_with(env: Env, trainer: Any) -> JobManager:
-    m = JobManager(
-        store=env.store,
-        registry=env.registry,
-        trainer=trainer,
-        base_model="tiny-base",
-        datasets_dir=env.tmp / "datasets",
-        limits=Limits(),
-    )
-    env.managers.append(m)
-    return m
+    return env.manager(trainer=trainer)
 
 
 def test_loss_curve_has_every_reported_step_in_order(env: Env) -> None:
@@ -942,7 +1178,7 @@ def test_loss_curve_has_every_reported_step_in_order(env: Env) -> None:
     assert m.loss_curve(job.id) == [
         LossPoint(step=1, epoch=0.5, loss=2.0, eval_loss=None),
         LossPoint(step=2, epoch=1.0, loss=1.0, eval_loss=0.9),  # evaluated at this step
-        LossPoint(step=3, epoch=1.5, loss=pytest.approx(2 / 3), eval_loss=None),
+        LossPoint(step=3, epoch=1.5, loss=cast(float, pytest.approx(2 / 3)), eval_loss=None),
         LossPoint(step=4, epoch=2.0, loss=0.5, eval_loss=None),
     ]
 
@@ -1018,37 +1254,25 @@ def test_labels_on_a_causal_job_are_refused(env: Env) -> None:
     assert info.value.field == "labels"
 
 
-def insert_running(env: Env, job_id: str, adapter_id: str, **job: Any) -> None:
-    """A job the last process left RUNNING, with its dataset snapshot."""
-    spec = JobSpec(
-        base_model="tiny-base",
-        adapter_id=adapter_id,
-        dataset_format=DatasetFormat.PROMPT_RESPONSE,
-        dataset_rows=2,
-    ).validate()
-    write_snapshot(ROWS, env.tmp / "datasets" / f"{job_id}.jsonl")
-    env.store.insert(Job(id=job_id, spec=spec, state=JobState.RUNNING, attempts=1, **job))
-
-
-def test_a_job_killed_after_publishing_is_finished_on_restart_not_trained_again(
-    env: Env,
-) -> None:
-    """The process died between registering the adapter and marking the job SUCCEEDED: the
-    job is RUNNING in the store and its adapter is published. Before, it trained again and
-    ended FAILED (ADAPTER_EXISTS) with its loss curve overwritten."""
-    # Its final progress was written before publishing.
-    insert_running(env, "j-pub", "published", progress=Progress(step=3, total_steps=3))
-    curve = [LossPoint(step=s, epoch=s / 3, loss=1.0 / s) for s in (1, 2, 3)]
-    env.store.add_loss_points("j-pub", curve)
-    register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
+def test_an_adapter_its_own_job_already_published_ends_that_job_succeeded(env: Env) -> None:
+    """A release before the shared store could die between publishing a job's adapter and
+    marking the job SUCCEEDED; after the upgrade the adapter is imported and the job, still
+    RUNNING, is claimed again. Its publish finds its own adapter: the job ends SUCCEEDED
+    (before, FAILED as ADAPTER_EXISTS) and the adapter published first is the one kept."""
+    insert_running(env, "j-pub", "published")
+    first = register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
+    env.trainer.weights = b"trained again"
 
     m = env.manager(start=True)
     done = wait_state(m, "j-pub", JobState.SUCCEEDED)
-    assert env.trainer.calls == []  # not trained again
     assert done.error is None
-    assert done.progress.step == 3
-    assert m.loss_curve("j-pub") == curve
-    assert [info.id for info in env.registered] == ["published"]
+    assert env.registry.get("published") == first
+    path = env.registry.path("published")
+    assert (path / "adapter_model.safetensors").read_bytes() == WEIGHTS
+    # The second upload is removed once the publish found the first.
+    wait_until(lambda: len(adapter_versions(env, "published")) == 1)
+    wait_until(lambda: len(env.registered) == 1)
+    assert env.registered == [first]
 
 
 def test_another_jobs_adapter_under_the_same_id_is_not_taken_as_published(env: Env) -> None:
@@ -1057,33 +1281,41 @@ def test_another_jobs_adapter_under_the_same_id_is_not_taken_as_published(env: E
     m = env.manager(start=True)
     failed = wait_state(m, "j-2", JobState.FAILED)
     assert failed.error is not None and failed.error.code == "ADAPTER_EXISTS"
+    assert env.registry.get("taken").source_job_id == "someone-else"
+    assert len(adapter_versions(env, "taken")) == 1  # the job's upload was removed
+    assert env.registered == []
 
 
+@pytest.mark.parametrize("where", ["snapshot", "upload"])
 def test_a_full_disk_at_submit_is_resource_exhausted_and_leaves_nothing(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    import errno
-
     from tuneserve.jobs import manager as manager_module
 
-    def full(rows: Any, path: Path) -> None:
+    def full_snapshot(rows: Any, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(manager_module, "write_snapshot", full)
+    def full_upload(key: str, source: Path) -> int:
+        (env.artifacts.root / key).mkdir(parents=True)  # as a partial write may leave it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "snapshot":
+        monkeypatch.setattr(manager_module, "write_snapshot", full_snapshot)
+    else:
+        monkeypatch.setattr(env.artifacts, "put_dir", full_upload)
     m = env.manager()
     with pytest.raises(ResourceExhausted) as info:
         m.submit(request("vader"))
     assert info.value.reason == "DISK_FULL"
     assert "disk is full" in info.value.message
     assert m.list_jobs(state=None, offset=0, limit=10) == []
-    assert list((env.tmp / "datasets").glob("*")) == []
+    datasets = env.artifacts.root / "datasets"
+    assert not datasets.exists() or list(datasets.iterdir()) == []
 
 
 def test_a_full_disk_while_training_fails_the_job_as_disk_full(env: Env) -> None:
-    import errno
-
     # As torch's zip writer fails: a RuntimeError raised while handling the OSError.
     error = RuntimeError("[enforce fail at inline_container.cc] file write failed")
     error.__context__ = OSError(errno.ENOSPC, "No space left on device")
@@ -1096,20 +1328,18 @@ def test_a_full_disk_while_training_fails_the_job_as_disk_full(env: Env) -> None
     assert "disk is full" in failed.error.message
 
 
-class FullDiskStore:
-    """Delegates to a real store; the first write that marks `job_id` SUCCEEDED fails as a
-    full disk does."""
+class FlakyStore:
+    """Delegates to a real store; the first write that ends `job_id` fails as a full disk
+    does."""
 
     def __init__(self, inner: SQLiteJobStore, job_id: str) -> None:
         self._inner, self._job_id, self.failed = inner, job_id, False
 
-    def update(self, job: Job) -> None:
-        if job.id == self._job_id and job.state is JobState.SUCCEEDED and not self.failed:
-            import errno
-
+    def finish(self, job: Job) -> None:
+        if job.id == self._job_id and not self.failed:
             self.failed = True
             raise OSError(errno.ENOSPC, "No space left on device")
-        self._inner.update(job)
+        self._inner.finish(job)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -1117,22 +1347,29 @@ class FullDiskStore:
 
 def test_a_failed_bookkeeping_write_does_not_stop_the_worker(env: Env) -> None:
     """Before, the exception ended the worker thread: no job ran again until a restart."""
-    m = env.manager()
-    first = m.submit(request("first"))
-    second = m.submit(request("second"))
-    store = FullDiskStore(env.store, first.id)
-    m._store = store  # type: ignore[assignment]
-    m.start()
+    failures: list[str] = []
+
+    def first_fails(**kw: Any) -> FakeResult:
+        if kw["spec"].adapter_id == "first" and not failures:
+            failures.append("first")
+            raise RuntimeError("boom")
+        return env.trainer(**kw)
+
+    queue = env.manager(trains=False)
+    first = queue.submit(request("first"))
+    second = queue.submit(request("second"))
+    store = FlakyStore(env.store, first.id)
+    m = env.manager(store=cast(JobStore, store), trainer=first_fails, start=True)
     done = wait_state(m, second.id, JobState.SUCCEEDED)
     assert store.failed
     assert done.error is None
-    # The first job's end was not recorded: it is RUNNING in the store, for the next
-    # start's recovery (which finishes it from its published adapter).
+    # The first job's end was not recorded: it is RUNNING in the store under this
+    # replica's lease, which the next start voids; then it runs again.
     assert env.store.get(first.id).state is JobState.RUNNING  # type: ignore[union-attr]
     m.stop(timeout=TIMEOUT)
-    again = env.manager(start=True)
+    again = env.manager(trainer=first_fails, start=True)
     assert wait_state(again, first.id, JobState.SUCCEEDED).error is None
-    assert len(env.trainer.calls) == 2  # not trained a second time
+    assert [c[0] for c in env.trainer.calls] == ["second", "first"]
 
 
 def test_an_oversized_chat_template_is_refused_before_it_is_rendered(env: Env) -> None:
@@ -1145,12 +1382,13 @@ def test_an_oversized_chat_template_is_refused_before_it_is_rendered(env: Env) -
     assert "limit" in info.value.message
 
 
-def test_final_progress_and_samples_are_stored_before_the_adapter_is_published(
+def test_final_progress_and_samples_are_committed_with_the_adapter(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """So a crash between publishing and SUCCEEDED loses none of what a normal end shows."""
+    """One transaction publishes the adapter (its files uploaded first) and marks the job
+    SUCCEEDED with its final progress and samples: a crash leaves all of it or none."""
     samples = ({"prompt": "Q: hi", "reference": "A: hello", "generated": "A: yo"},)
-    real_call = env.trainer.__class__.__call__
+    real_call = FakeTrainer.__call__
 
     def with_samples(self: FakeTrainer, **kw: Any) -> FakeResult:
         result = real_call(self, **kw)
@@ -1158,30 +1396,144 @@ def test_final_progress_and_samples_are_stored_before_the_adapter_is_published(
         return result
 
     monkeypatch.setattr(FakeTrainer, "__call__", with_samples)
-    seen: list[Job | None] = []
-    register = env.registry.register
+    seen: list[tuple[Job | None, bool]] = []
+    publish = env.store.publish
 
-    def spy(staging: Path, info: AdapterInfo) -> AdapterInfo:
-        seen.append(env.store.get(info.source_job_id))
-        return register(staging, info)
+    def spy(job: Job, record: Any) -> Any:
+        seen.append((env.store.get(job.id), env.artifacts.exists(record.key)))
+        return publish(job, record)
 
-    monkeypatch.setattr(env.registry, "register", spy)
+    monkeypatch.setattr(env.store, "publish", spy)
     m = env.manager(start=True)
     job = m.submit(request("vader"))
     wait_state(m, job.id, JobState.SUCCEEDED)
-    stored = seen[0]
-    assert stored is not None and stored.state is JobState.RUNNING
+    [(before, uploaded)] = seen
+    assert uploaded  # the files were whole before the row could name them
+    assert before is not None and before.state is JobState.RUNNING
+    assert env.store.get_adapter("vader") is not None
+    stored = env.store.get(job.id)
+    assert stored is not None and stored.state is JobState.SUCCEEDED
     assert stored.samples == list(samples)
     assert (stored.progress.step, stored.progress.total_steps) == (3, 3)
 
 
-def test_a_published_job_is_finished_at_start_with_its_stored_progress(env: Env) -> None:
-    progress = Progress(step=3, total_steps=3, epoch=1.0, loss=0.3, eval_loss=0.7, eval_step=3)
-    samples = [{"prompt": "p", "reference": "r", "generated": "g"}]
-    insert_running(env, "j-pub", "published", progress=progress, samples=samples)
-    register_parent(env, adapter_id="published", source_job_id="j-pub", steps=3)
-    m = env.manager(start=True)
-    done = wait_state(m, "j-pub", JobState.SUCCEEDED)
-    assert done.progress == progress  # not reset, not rebuilt from the adapter
-    assert done.samples == samples
-    assert env.trainer.calls == []
+# --- many replicas on one store
+
+
+def test_jobs_submitted_on_two_replicas_run_once_each_on_either(env: Env) -> None:
+    a, _ = env.replica("a", trainer=FakeTrainer(), start=True)
+    b, _ = env.replica("b", trainer=FakeTrainer(), start=True)
+    trainer_a, trainer_b = env.trainers[-2:]
+    ids = [f"j{i}" for i in range(6)]
+    jobs = [(a if i % 2 else b).submit(request(adapter_id)) for i, adapter_id in enumerate(ids)]
+    for job in jobs:
+        done = wait_state(a, job.id, JobState.SUCCEEDED)
+        assert (done.attempts, done.fence) == (1, 1)
+        assert b.get(job.id).state is JobState.SUCCEEDED
+    ran = [c[0] for c in trainer_a.calls + trainer_b.calls]
+    assert sorted(ran) == ids  # each once, on one replica or the other
+    assert sorted(r.id for r in env.store.list_adapters()) == ids
+    assert all(len(adapter_versions(env, i)) == 1 for i in ids)
+    wait_until(lambda: len(env.registered) == len(ids))
+    assert sorted(info.id for info in env.registered) == ids
+
+
+def test_a_serving_replica_queues_jobs_that_a_training_replica_runs(env: Env) -> None:
+    serve, serve_registry = env.replica("serve", trains=False, start=True)
+    env.replica("train", trainer=FakeTrainer(), start=True)
+    job = serve.submit(request("vader"))
+    done = wait_state(serve, job.id, JobState.SUCCEEDED)  # read from the shared store
+    assert (done.progress.step, done.progress.total_steps) == (3, 3)
+    assert env.trainers[-1].calls == [("vader", ROWS)]
+    assert [j.id for j in serve.list_jobs(state=None, offset=0, limit=10)] == [job.id]
+    assert [p.step for p in serve.loss_curve(job.id)] == [1, 2, 3]
+    weights = serve_registry.path("vader") / "adapter_model.safetensors"
+    assert weights.read_bytes() == WEIGHTS
+
+
+def test_cancel_on_a_replica_that_does_not_run_the_job_stops_it(env: Env) -> None:
+    """The request reaches the replica running the job through its heartbeat (every third
+    of its lease)."""
+    runner_trainer = FakeTrainer(hold=True)
+    runner, _ = env.replica("runner", trainer=runner_trainer, lease_s=3.0, start=True)
+    other, other_registry = env.replica("other", trainer=FakeTrainer())
+    job = other.submit(request("vader"))
+    assert runner_trainer.held.wait(TIMEOUT)
+    other.start()  # trains too, but the job is the runner's
+
+    asked = other.cancel(job.id)
+    assert asked.state is JobState.RUNNING and asked.cancel_requested
+    t0 = time.monotonic()
+    done = wait_state(other, job.id, JobState.CANCELLED)
+    assert time.monotonic() - t0 < 3.0  # within the lease
+    assert done.error is None
+    assert runner.get(job.id).state is JobState.CANCELLED
+    assert not other_registry.exists("vader")
+    with pytest.raises(FailedPrecondition):
+        other.cancel(job.id)
+    # The replicas go on; the cancel was this job's only.
+    nxt = other.submit(request("next"))
+    wait_state(other, nxt.id, JobState.SUCCEEDED)
+
+
+class PartitionedStore:
+    """Delegates to a real store, but heartbeats never get through (a replica cut off from
+    the database, or stalled): its leases run out while it goes on training."""
+
+    def __init__(self, inner: JobStore) -> None:
+        self._inner = inner
+
+    def heartbeat(self, job_id: str, fence: int, lease_s: float) -> bool:
+        raise Unavailable("the job store is unreachable")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize(("ending", "hold_step"), [("publish", 3), ("fail", 3), ("progress", 1)])
+def test_a_worker_whose_lease_was_taken_writes_nothing_more(
+    env: Env, ending: str, hold_step: int
+) -> None:
+    """Replica a's lease on the job runs out while it trains; replica b claims the job
+    (a new fence), resumes it from a's checkpoint and publishes. When a goes on, its publish,
+    its final state or its progress is refused (LeaseLost): the job ends as b ended it, and
+    the adapter is published once, by b."""
+    stale = FakeTrainer(hold=True, hold_step=hold_step, weights=b"stale weights")
+    env.trainers.append(stale)
+    store_a = env.open_store()
+    registry_a = env.open_registry(store_a, "a")
+    a = env.manager(
+        store=cast(JobStore, PartitionedStore(store_a)),
+        registry=registry_a,
+        trainer=stale,
+        worker_id="a",
+        lease_s=1.0,
+        start=True,
+    )
+    worker_a = env.workers[-1]
+    job = a.submit(request("vader"))
+    assert stale.held.wait(TIMEOUT)
+
+    fresh = FakeTrainer(weights=b"fresh weights")
+    b, _ = env.replica("b", trainer=fresh, start=True)
+    done = wait_state(b, job.id, JobState.SUCCEEDED)  # once a's lease ran out
+    assert (done.attempts, done.fence) == (2, 2)
+    assert fresh.found == [{f"step-00000001/{CHECKPOINT_FILE}": b"checkpoint at 1"}]
+
+    if ending == "fail":
+        stale.error = RuntimeError("boom")
+    stale.release.set()
+    wait_until(lambda: not stale.threads[0].is_alive() and worker_a.running is None)
+
+    final = env.store.get(job.id)
+    assert final is not None
+    assert (final.state, final.error, final.fence) == (JobState.SUCCEEDED, None, 2)
+    assert a.get(job.id).state is JobState.SUCCEEDED
+    record = env.store.get_adapter("vader")
+    assert record is not None and adapter_versions(env, "vader") == [record.version]
+    weights = registry_a.path("vader") / "adapter_model.safetensors"
+    assert weights.read_bytes() == b"fresh weights"
+    wait_until(lambda: len(env.registered) >= 1)
+    assert [info.id for info in env.registered] == ["vader"]  # published once, by b
+    assert [p.step for p in env.store.loss_curve(job.id)] == [1, 2, 3]
+    assert list(registry_a.staging_root.iterdir()) == []

@@ -292,7 +292,11 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         running = self._worker.running if self._worker is not None else None
         if running is not None and running.id == job_id:
-            return copy.deepcopy(running)
+            live = copy.deepcopy(running)
+            # The worker sets a job's end in memory before the store commits it (with its
+            # adapter): until then it is the store's RUNNING that is true.
+            if live.state is JobState.RUNNING:
+                return live
         job = self._store.get(job_id)
         if job is None:
             raise NotFound(f"job {shown(job_id)} not found", field="job_id")
