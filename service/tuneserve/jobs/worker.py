@@ -212,35 +212,42 @@ class Worker:
         job.progress = Progress()
         with self._cond:
             self.running, self._cancel, self._lost = job, False, False
-        beat = threading.Thread(target=self._heartbeat, args=(job,), name="job-lease", daemon=True)
+        ended = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(job, ended), name="job-lease", daemon=True
+        )
         beat.start()
         try:
             # A thread of its own, which ends with the job: see torch_threads.py.
             run_in_own_thread(lambda: self._run(job), name=f"job-{job.id}")
         finally:
+            ended.set()
             with self._cond:
                 self.running = None
                 self._cond.notify_all()
             beat.join()
 
-    def _heartbeat(self, job: Job) -> None:
-        interval = self._lease_s / 3
-        while True:
-            with self._cond:
-                if self.running is not job:
-                    return
-                self._cond.wait(interval)
-                if self.running is not job:
-                    return
+    def _heartbeat(self, job: Job, ended: threading.Event) -> None:
+        """Renew the lease every third of it until the job ends here."""
+        while not ended.wait(self._lease_s / 3):
             try:
                 if self._store.heartbeat(job.id, job.fence, self._lease_s):
                     self._cancel = True
             except LeaseLost:
-                log.warning("job %s: lease lost; another replica has it now", job.id)
-                self._lost = True
+                if not self._ended_by_me(job):
+                    log.warning("job %s: lease lost; another replica has it now", job.id)
+                    self._lost = True
                 return
             except Exception as e:  # the store unreachable: the lease runs on meanwhile
                 log.warning("job %s: heartbeat failed (%s)", job.id, e)
+
+    def _ended_by_me(self, job: Job) -> bool:
+        """This claim ended the job (the heartbeat raced its last write)."""
+        try:
+            current = self._store.get(job.id)
+        except Exception:
+            return False
+        return current is not None and current.state.final and current.fence == job.fence
 
     def _run(self, job: Job) -> None:
         from tuneserve.training.recipe import StopTraining  # torch only where jobs run
