@@ -30,17 +30,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
-from tuneserve.jobs.model import Task, check_adapter_id
-from tuneserve.jobs.store import AdapterRecord
 from tuneserve.storage.artifacts import ArtifactStore, LocalArtifactStore
 from tuneserve.storage.cache import ArtifactCache
+from tuneserve.vocabulary import Task, check_adapter_id
 
 if TYPE_CHECKING:
     from tuneserve.jobs.model import Job
-    from tuneserve.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +69,35 @@ class AdapterInfo:
     use_dora: bool = False
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdapterRecord:
+    """One published adapter: its metadata (the registry's AdapterInfo as JSON), where its
+    files are (an artifact key, immutable) and the version that key names. A retrain under
+    the same id is a new version with a new key."""
+
+    id: str
+    version: str
+    key: str
+    info: str  # JSON
+    source_job_id: str
+    created_at: float
+
+
+class AdapterIndex(Protocol):
+    """Where adapters are indexed: the job store (tuneserve.jobs.store.JobStore implements
+    it), so that a trained adapter's row commits with its job's end."""
+
+    def publish(self, job: Job, record: AdapterRecord) -> AdapterRecord: ...
+
+    def add_adapter(self, record: AdapterRecord) -> AdapterRecord: ...
+
+    def get_adapter(self, adapter_id: str) -> AdapterRecord | None: ...
+
+    def list_adapters(self) -> list[AdapterRecord]: ...
+
+    def delete_adapter(self, adapter_id: str) -> AdapterRecord | None: ...
+
+
 def adapter_key(adapter_id: str, version: str) -> str:
     return f"adapters/{adapter_id}/{version}"
 
@@ -79,7 +106,7 @@ class AdapterRegistry:
     def __init__(
         self,
         *,
-        index: JobStore,
+        index: AdapterIndex,
         artifacts: ArtifactStore,
         cache: ArtifactCache,
         staging_root: Path,
@@ -218,7 +245,7 @@ class AdapterRegistry:
         log.warning("adapter %s is damaged and left out of the list: %s", record.id, error)
 
 
-def local_registry(root: Path, index: JobStore | None = None) -> AdapterRegistry:
+def local_registry(root: Path, index: AdapterIndex | None = None) -> AdapterRegistry:
     """A registry on one machine: files under `root/artifacts`, the index in `index` (or an
     SQLite file under `root`). Tests and tools use it; the server builds its own (app.py)."""
     if index is None:

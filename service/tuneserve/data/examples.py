@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneserve.data.chat_template import TemplateRenderer, shared_renderer, special_tokens_of
 from tuneserve.data.rows import Row
-from tuneserve.jobs.model import DatasetFormat
+from tuneserve.vocabulary import DatasetFormat
 
 IGNORE_INDEX = -100  # label value the loss skips
 _CHAT_CHUNK_ROWS = 256  # chat rows rendered per call: their renderings are held at once

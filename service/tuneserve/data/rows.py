@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.errors import InvalidArgument, shown
-from tuneserve.jobs.model import DatasetFormat
+from tuneserve.vocabulary import DatasetFormat
 
 # One validated row: {"text"}, {"prompt", "response"}, {"text", "label"} or {"messages"}.
 Row = dict[str, Any]

@@ -27,8 +27,8 @@ from transformers import PreTrainedModel
 from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.inference.lora_batch import MultiLora
 from tuneserve.inference.lora_files import CONFIG_FILE, ConfigError, read_config, read_lora
-from tuneserve.jobs.model import Task
 from tuneserve.registry import AdapterInfo, AdapterRegistry
+from tuneserve.vocabulary import Task
 
 log = logging.getLogger(__name__)
 

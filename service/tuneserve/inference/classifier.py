@@ -19,9 +19,9 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from tuneserve.data.examples import Example, collate
 from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.inference.text_limits import check_text_size
-from tuneserve.jobs.model import Task, check_adapter_id
 from tuneserve.models import load_classifier
 from tuneserve.registry import AdapterRegistry
+from tuneserve.vocabulary import Task, check_adapter_id
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,6 @@ from tuneserve.inference.scheduler import (
     Sink,
 )
 from tuneserve.inference.text_limits import check_text_size
-from tuneserve.jobs.model import check_adapter_id
 from tuneserve.models import (
     load_config,
     load_model,
@@ -61,6 +60,7 @@ from tuneserve.models import (
 )
 from tuneserve.registry import AdapterInfo, AdapterRegistry
 from tuneserve.torch_threads import run_in_own_thread
+from tuneserve.vocabulary import check_adapter_id
 
 log = logging.getLogger(__name__)
 

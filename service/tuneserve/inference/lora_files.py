@@ -38,7 +38,7 @@ from torch import nn
 
 from tuneserve.errors import FailedPrecondition, shown
 from tuneserve.inference.lora_batch import LoraPair, base_layers, layer_features
-from tuneserve.jobs.model import MAX_LORA_ALPHA
+from tuneserve.vocabulary import MAX_LORA_ALPHA
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

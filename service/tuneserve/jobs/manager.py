@@ -16,7 +16,6 @@ import errno
 import hashlib
 import json
 import logging
-import random
 import tempfile
 import threading
 import uuid
@@ -27,11 +26,9 @@ from typing import Any
 
 from tuneserve import failpoints
 from tuneserve.data.chat_template import TemplateRenderer, shared_renderer
+from tuneserve.data.preparation import DatasetLimits, DatasetPreparer
 from tuneserve.data.rows import (
     Row,
-    read_jsonl,
-    resolve_dataset_path,
-    validate_rows,
     write_snapshot,
 )
 from tuneserve.errors import (
@@ -58,8 +55,6 @@ from tuneserve.registry import AdapterInfo, AdapterRegistry
 from tuneserve.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-MAX_CHAT_TEMPLATE_CHARS = 256 * 1024  # real ones are a few kB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,10 +142,17 @@ class JobManager:
         self._worker = worker
         self._base_model = base_model
         self._limits = limits
-        self._base_chat_template = base_chat_template
         self._layer_names = layer_names
-        self._chat_renderer = chat_renderer or shared_renderer()
-        self._base_special_tokens = base_special_tokens
+        self._datasets = DatasetPreparer(
+            limits=DatasetLimits(
+                dataset_roots=limits.dataset_roots,
+                max_dataset_rows=limits.max_dataset_rows,
+                max_dataset_bytes=limits.max_dataset_bytes,
+            ),
+            chat_renderer=chat_renderer or shared_renderer(),
+            base_chat_template=base_chat_template,
+            base_special_tokens=base_special_tokens,
+        )
         self._cond = threading.Condition()
         self._accepting = True
 
@@ -204,14 +206,14 @@ class JobManager:
             spec = self._continue_from(spec, parent, request)
         else:
             self._check_target_modules(spec.lora.target_modules)
-        dataset_format, rows = self._load_rows(request)
-        all_rows = rows
-        rows, validation = self._split_validation(request, spec, dataset_format, rows)
-        given = validation if len(rows) == len(all_rows) else []  # not a held-out share
-        # Labels are checked on the rows as the caller numbered them, before any split.
-        labels = self._labels(request, dataset_format, all_rows, given, parent)
-        if dataset_format is DatasetFormat.CHAT:
-            self._check_chat_template(request.chat_template, rows[0]["messages"])
+        dataset = self._datasets.prepare(
+            request,
+            eval_fraction=spec.training.eval_fraction,
+            seed=spec.training.seed,
+            parent_labels=parent.labels if parent is not None else None,
+        )
+        dataset_format, rows, validation = dataset.format, dataset.rows, dataset.validation
+        labels = dataset.labels
         spec = dataclasses.replace(
             spec,
             dataset_format=dataset_format,
@@ -333,23 +335,6 @@ class JobManager:
 
     # --- helpers
 
-    def _load_rows(self, request: TrainRequest) -> tuple[DatasetFormat, list[Row]]:
-        limits = self._limits
-        if (request.rows is None) == (request.dataset_path is None):
-            raise InvalidArgument(
-                "dataset: give inline rows or a path, exactly one", field="dataset"
-            )
-        if request.dataset_path is not None:
-            path = resolve_dataset_path(request.dataset_path, limits.dataset_roots)
-            raw = read_jsonl(
-                path, max_bytes=limits.max_dataset_bytes, max_rows=limits.max_dataset_rows
-            )
-            prefix = "dataset.path"
-        else:
-            assert request.rows is not None
-            raw, prefix = list(request.rows), "dataset.inline.rows"
-        return validate_rows(raw, field_prefix=prefix, max_rows=limits.max_dataset_rows)
-
     def _check_adapter_id_free(self, adapter_id: str) -> None:
         """Checked early, to refuse before reading a large dataset; the store checks the
         active jobs again when it inserts (a racing submit on another replica)."""
@@ -457,125 +442,3 @@ class JobManager:
                     )
                 )
         collect(problems)
-
-    def _check_chat_template(self, template: str, messages: list[dict[str, str]]) -> None:
-        """Chat rows need a template that renders; checked now, not at training time."""
-        if not template and not self._base_chat_template():
-            raise InvalidArgument(
-                "chat_template: the base model's tokenizer has no chat template; give one",
-                field="chat_template",
-            )
-        if len(template) > MAX_CHAT_TEMPLATE_CHARS:
-            raise InvalidArgument(
-                f"chat_template: {len(template)} characters is over the limit of "
-                f"{MAX_CHAT_TEMPLATE_CHARS}",
-                field="chat_template",
-            )
-        if template:
-            # Rendered in a worker process under time, memory and output bounds, as
-            # transformers renders it: a template is a program, never run on our threads.
-            self._chat_renderer.check(
-                template, messages, special_tokens=self._base_special_tokens()
-            )
-
-    def _labels(
-        self,
-        request: TrainRequest,
-        dataset_format: DatasetFormat,
-        rows: list[Row],
-        validation: list[Row],
-        parent: AdapterInfo | None,
-    ) -> tuple[str, ...]:
-        """Classification needs labelled rows and fixes the label order of the head."""
-        labelled = dataset_format is DatasetFormat.LABELLED
-        if request.task is not Task.CLASSIFICATION:
-            if request.labels:
-                raise InvalidArgument(
-                    "labels: only sequence classification jobs take labels; set the task, "
-                    "or leave labels empty",
-                    field="labels",
-                )
-            if labelled:
-                raise InvalidArgument(
-                    "task: the rows have labels; set the task to sequence classification",
-                    field="task",
-                )
-            return ()
-        if not labelled:
-            raise InvalidArgument(
-                "dataset: sequence classification needs rows of text and label",
-                field="dataset",
-            )
-        if parent is not None:
-            labels = parent.labels
-        else:
-            labels = tuple(request.labels) or tuple(sorted({r["label"] for r in rows}))
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise InvalidArgument(
-                f"labels: need at least two distinct labels, got {list(labels)}", field="labels"
-            )
-        known = set(labels)
-        train_prefix = "dataset.path" if request.dataset_path is not None else "dataset.inline.rows"
-        val_prefix = (
-            "validation.path" if request.validation_path is not None else "validation.inline.rows"
-        )
-        for prefix, split_rows in ((train_prefix, rows), (val_prefix, validation)):
-            for index, row in enumerate(split_rows):
-                if row["label"] not in known:
-                    raise InvalidArgument(
-                        f"{prefix}[{index}].label: {row['label']!r} is not one of {list(labels)}",
-                        field=f"{prefix}[{index}].label",
-                        row=index,
-                    )
-        return labels
-
-    def _split_validation(
-        self,
-        request: TrainRequest,
-        spec: JobSpec,
-        dataset_format: DatasetFormat,
-        rows: list[Row],
-    ) -> tuple[list[Row], list[Row]]:
-        """Given validation rows, or `eval_fraction` of the rows held out (seeded)."""
-        limits = self._limits
-        if request.validation_rows is not None or request.validation_path is not None:
-            if request.validation_path is not None:
-                path = resolve_dataset_path(
-                    request.validation_path, limits.dataset_roots, field="validation.path"
-                )
-                raw = read_jsonl(
-                    path,
-                    max_bytes=limits.max_dataset_bytes,
-                    max_rows=limits.max_dataset_rows,
-                    field="validation.path",
-                )
-                prefix = "validation.path"
-            else:
-                assert request.validation_rows is not None
-                raw, prefix = list(request.validation_rows), "validation.inline.rows"
-            form, validation = validate_rows(
-                raw, field_prefix=prefix, max_rows=limits.max_dataset_rows
-            )
-            if form is not dataset_format:
-                raise InvalidArgument(
-                    f"{prefix}: {form.value} rows, but the training rows are "
-                    f"{dataset_format.value} rows",
-                    field=prefix,
-                )
-            return rows, validation
-        fraction = spec.training.eval_fraction
-        if fraction <= 0:
-            return rows, []
-        held = max(1, round(len(rows) * fraction))
-        if held >= len(rows):
-            raise InvalidArgument(
-                f"training.eval_fraction: {fraction} of {len(rows)} rows leaves none to train on",
-                field="training.eval_fraction",
-            )
-        order = list(range(len(rows)))
-        random.Random(spec.training.seed).shuffle(order)
-        held_out = set(order[:held])
-        return (
-            [r for i, r in enumerate(rows) if i not in held_out],
-            [r for i, r in enumerate(rows) if i in held_out],
-        )

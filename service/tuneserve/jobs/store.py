@@ -26,6 +26,9 @@ from urllib.parse import urlsplit
 
 from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import Job, JobState
+from tuneserve.registry import AdapterRecord
+
+__all__ = ["AdapterRecord", "JobStore", "LeaseLost", "LossPoint", "open_job_store", "redact"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,20 +37,6 @@ class LossPoint:
     epoch: float
     loss: float
     eval_loss: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AdapterRecord:
-    """One published adapter: its metadata (the registry's AdapterInfo as JSON), where its
-    files are (an artifact key, immutable) and the version that key names. A retrain under
-    the same id is a new version with a new key."""
-
-    id: str
-    version: str
-    key: str
-    info: str  # JSON
-    source_job_id: str
-    created_at: float
 
 
 class LeaseLost(Exception):

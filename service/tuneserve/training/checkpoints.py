@@ -15,7 +15,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from tuneserve import failpoints
-from tuneserve.jobs.model import Progress
+from tuneserve.vocabulary import Progress
 
 STATE_FILE = "trainer_state.pt"
 

@@ -32,12 +32,12 @@ from tuneserve.data.examples import (
 )
 from tuneserve.data.rows import Row
 from tuneserve.errors import InvalidArgument
-from tuneserve.jobs.model import DatasetFormat, JobSpec, Progress, Task
 from tuneserve.models import max_positions
 from tuneserve.training.batching import epoch_batches
 from tuneserve.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneserve.training.evaluation import eval_classifier, eval_loss, sample_generations
 from tuneserve.training.flops import model_flops_utilisation, peak_flops
+from tuneserve.vocabulary import DatasetFormat, JobSpec, Progress, Task
 
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 

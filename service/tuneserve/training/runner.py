@@ -16,9 +16,9 @@ import torch
 
 from tuneserve.data.chat_template import TemplateRenderer
 from tuneserve.data.rows import Row
-from tuneserve.jobs.model import JobSpec, Progress, Task
 from tuneserve.models import load_classifier, load_model, load_tokenizer
 from tuneserve.training.recipe import TrainResult, train_lora
+from tuneserve.vocabulary import JobSpec, Progress, Task
 
 
 class LoraTrainer:
