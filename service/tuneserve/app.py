@@ -28,7 +28,7 @@ from tuneserve.coserving import DevicePolicy
 from tuneserve.data.chat_template import TemplateRenderer, special_tokens_of
 from tuneserve.inference.engine import Engine
 from tuneserve.inference.text_limits import MAX_CHARS_PER_TOKEN
-from tuneserve.jobs.manager import JobManager, Limits
+from tuneserve.jobs.manager import JobManager, Limits, import_legacy_snapshots
 from tuneserve.jobs.store import JobStore, open_job_store
 from tuneserve.jobs.worker import Worker
 from tuneserve.metrics import GpuCollector, Metrics
@@ -70,6 +70,8 @@ def build_services(config: ServerConfig) -> Services:
     )
     if moved := import_legacy_adapters(config.legacy_adapters_dir, registry):
         log.info("moved %d adapter(s) of an earlier release into the registry", moved)
+    if moved := import_legacy_snapshots(config.data_dir / "datasets", store, artifacts):
+        log.info("moved the dataset snapshots of %d queued job(s) of an earlier release", moved)
     engine = Engine(config=config, registry=registry, observer=metrics)
     # Users' chat templates render in worker processes (data/chat_template.py); the first
     # one imports transformers while the model loads.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import tempfile
 import threading
 import time
@@ -1537,3 +1538,30 @@ def test_a_worker_whose_lease_was_taken_writes_nothing_more(
     assert [info.id for info in env.registered] == ["vader"]  # published once, by b
     assert [p.step for p in env.store.loss_curve(job.id)] == [1, 2, 3]
     assert list(registry_a.staging_root.iterdir()) == []
+
+
+def test_an_earlier_releases_snapshots_of_queued_jobs_move_to_the_artifact_store(
+    env: Env,
+) -> None:
+    """Upgrading with a job still queued: its rows (datasets/<job>.jsonl of the
+    single-process releases) are moved where the worker reads them, and it trains on them."""
+    from tuneserve.jobs.manager import import_legacy_snapshots
+
+    m = env.manager()
+    queued = m.submit(request("old-queued", training=TrainingSpec(epochs=1)))
+    key = dataset_key(queued.id)
+    legacy = env.tmp / "datasets"
+    with tempfile.TemporaryDirectory() as tmp:  # the old layout, from the stored snapshot
+        env.artifacts.get_dir(key, Path(tmp) / "d")
+        legacy.mkdir()
+        shutil.copyfile(Path(tmp) / "d" / "train.jsonl", legacy / f"{queued.id}.jsonl")
+    env.artifacts.delete(key)
+    (legacy / "finished-job.jsonl").write_text('{"text": "x"}\n')  # no such job to run
+
+    assert import_legacy_snapshots(legacy, env.store, env.artifacts) == 1
+    assert env.artifacts.exists(key)
+    assert sorted(p.name for p in legacy.iterdir()) == ["finished-job.jsonl"]
+    assert import_legacy_snapshots(legacy, env.store, env.artifacts) == 0
+    m.start()
+    wait_state(m, queued.id, JobState.SUCCEEDED)
+    assert env.trainer.calls == [("old-queued", ROWS)]

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import uuid
@@ -442,3 +443,28 @@ class JobManager:
                     )
                 )
         collect(problems)
+
+
+def import_legacy_snapshots(directory: Path, store: JobStore, artifacts: ArtifactStore) -> int:
+    """Dataset snapshots of the single-process releases (`<job>.jsonl` and
+    `<job>.validation.jsonl` under `directory`) of jobs still to run move into the artifact
+    store, where the worker reads them; each file is removed once stored. Returns how many
+    jobs' snapshots moved."""
+    moved = 0
+    if not directory.is_dir():
+        return moved
+    for job in store.in_states(JobState.QUEUED, JobState.RUNNING):
+        train = directory / f"{job.id}.jsonl"
+        key = dataset_key(job.id)
+        if not train.is_file() or artifacts.exists(key):
+            continue
+        validation = directory / f"{job.id}.validation.jsonl"
+        with tempfile.TemporaryDirectory(prefix="snapshot-") as tmp:
+            shutil.copyfile(train, Path(tmp) / TRAIN_FILE)
+            if validation.is_file():
+                shutil.copyfile(validation, Path(tmp) / VALIDATION_FILE)
+            artifacts.put_dir(key, Path(tmp))
+        train.unlink()
+        validation.unlink(missing_ok=True)
+        moved += 1
+    return moved
