@@ -130,6 +130,7 @@ $(DEPLOY_VENV)/.installed: .ci/deploy-requirements.txt
 bench: setup
 	$(PY) -m bench.train
 	$(PY) -m bench.generate
+	$(PY) -m bench.scale
 
 serve: setup
 	$(BIN)/tuneserve serve

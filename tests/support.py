@@ -127,6 +127,7 @@ class ServerProcess:
             env={**os.environ, **env} if env else None,
         )
         self.lines: list[str] = []
+        self.metrics_port: int | None = None
         self._port = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -136,6 +137,8 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
+            if m := re.search(r"metrics on (\d+)", line):
+                self.metrics_port = int(m.group(1))  # /metrics over HTTP on 127.0.0.1
             if m := re.search(r"listening on port (\d+)", line):
                 self.target = f"127.0.0.1:{m.group(1)}"
                 self._port.set()
