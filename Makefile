@@ -127,7 +127,7 @@ $(DEPLOY_VENV)/.installed: .ci/deploy-requirements.txt
 	touch $@
 
 # Speed against the seeds' recipes, measured in the same run: writes bench/results/*.json.
-bench: setup
+bench: setup postgresql
 	$(PY) -m bench.train
 	$(PY) -m bench.generate
 	$(PY) -m bench.scale
