@@ -504,3 +504,19 @@ def test_scale_credentials_come_only_from_secrets(scale: Rendered) -> None:
             assert url.password is None and ":" not in (url.username or ""), setting
     # Nothing rendered carries one of those values in the clear.
     assert not re.search(r"(?im)^\s*(PGPASSWORD|AWS_SECRET_ACCESS_KEY)\s*[:=]\s*\S", scale.text)
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/scale"])
+def test_the_overlays_image_setting_is_the_image_deployed(overlay: str) -> None:
+    """An overlay's `images:` entry must name the image as the base left it, or editing
+    its tag changes nothing."""
+    kustomization = yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())
+    (entry,) = kustomization["images"]
+    wanted = f"{entry['newName']}:{entry['newTag']}"
+    images = {
+        c["image"]
+        for d in render(overlay).all("Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {wanted}
+    assert entry["name"] == entry["newName"]  # the base's name, not "tuneserve"
