@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from tuneserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tuneserve.storage.artifacts import ArtifactStore, LocalArtifactStore
 from tuneserve.storage.cache import ArtifactCache
 from tuneserve.vocabulary import Task, check_adapter_id
@@ -167,6 +167,10 @@ class AdapterRegistry:
                 published = self._index.publish(job, record)
             else:
                 published = self._index.add_adapter(record)
+        except Unavailable:
+            # The commit's answer may have been lost with the commit done: the files stay
+            # (unreferenced ones are harmless), never deleted from under a published row.
+            raise
         except BaseException:
             self._delete_files(record.key)
             raise

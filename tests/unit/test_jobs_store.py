@@ -388,3 +388,42 @@ def test_a_full_sqlite_database_is_reported_as_a_full_disk(tmp_path: Path) -> No
         assert info.value.errno == errno.ENOSPC
     finally:
         store.close()
+
+
+def test_a_job_cancelled_while_its_replica_was_dead_is_never_claimed_again(
+    opener: Opener,
+) -> None:
+    a, b = opener(), opener()
+    a.insert(make_job("j"))
+    a.insert(make_job("next"))
+    dead = a.claim("dead", 0.2)
+    assert dead is not None and dead.id == "j"
+    asked = b.cancel("j")  # its worker will never see the heartbeat
+    assert asked is not None and asked.cancel_requested
+    time.sleep(0.3)
+    claimed = b.claim("w2", 30)
+    assert claimed is not None and claimed.id == "next"
+    ended = b.get("j")
+    assert ended is not None and ended.state is JobState.CANCELLED
+    assert ended.finished_at is not None
+
+
+def test_a_job_released_with_a_cancel_pending_ends_cancelled(store: JobStore) -> None:
+    store.insert(make_job("j"))
+    job = store.claim("w", 30)
+    assert job is not None
+    store.cancel("j")  # asked just before a shutdown, before the heartbeat saw it
+    store.release(job)
+    got = store.get("j")
+    assert got is not None and got.state is JobState.CANCELLED
+    assert store.claim("w", 30) is None
+
+
+def test_urls_are_logged_without_passwords() -> None:
+    from tuneserve.jobs.store import redact
+
+    assert redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u@h/db?sslmode=require&password=secret") == (
+        "postgresql://u@h/db?sslmode=require&password=***"
+    )
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"

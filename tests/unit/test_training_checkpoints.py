@@ -240,3 +240,38 @@ def test_no_checkpoint_when_there_is_none(tmp_path: Path) -> None:
     assert latest_checkpoint(None) is None
     assert latest_checkpoint(tmp_path / "missing") is None
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_stop_right_after_a_checkpoint_step_writes_that_step_once(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """Cancelled or shut down just after a checkpoint step, the run stops there without
+    writing the same step again (the job worker's key for it exists already: a second write
+    failed the job instead of stopping it)."""
+    from tuneserve.training.recipe import StopTraining
+    from tuneserve.training.runner import LoraTrainer
+    from tuneserve.vocabulary import DatasetFormat, JobSpec, LoraSpec, TrainingSpec
+
+    spec = JobSpec(
+        base_model=str(base_dir),
+        adapter_id="stopped",
+        dataset_format=DatasetFormat.TEXT,
+        dataset_rows=4,
+        lora=LoraSpec(r=4, target_modules=("c_attn",)),
+        training=TrainingSpec(max_steps=6, batch_size=2, checkpoint_every_steps=1),
+    ).validate()
+    steps: list[int] = []
+    written: list[str] = []
+    trainer = LoraTrainer(base_model=str(base_dir), device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(StopTraining):
+        trainer(
+            spec=spec,
+            rows=[{"text": f"row number {i} of the data"} for i in range(4)],
+            output_dir=tmp_path / "out",
+            on_progress=lambda p: steps.append(p.step),
+            should_stop=lambda: len(steps) >= 2,  # asked during step 2, a checkpoint step
+            checkpoint_dir=tmp_path / "checkpoints",
+            on_checkpoint=lambda path: written.append(path.name),
+        )
+    assert steps == [1, 2]
+    assert written == ["step-00000001", "step-00000002"]

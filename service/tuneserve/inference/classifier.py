@@ -51,6 +51,7 @@ class Classifier:
         self._max_tokens = max_tokens
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, PeftModel] = OrderedDict()
+        self._versions: dict[str, str] = {}  # the registry version each was loaded from
 
     def classify(
         self,
@@ -67,7 +68,9 @@ class Classifier:
         limit = min(max_tokens or self._max_tokens, self._max_tokens)
         for i, text in enumerate(texts):
             check_text_size(text, limit, field=f"texts[{i}]")
-        info = self._registry.get(check_adapter_id(adapter_id))
+        # The shared index, read now: a version trained after ours was loaded replaces it.
+        version = self._registry.record(check_adapter_id(adapter_id)).version
+        info = self._registry.get(adapter_id)
         if info.task != Task.CLASSIFICATION.value:
             raise FailedPrecondition(
                 f"adapter {adapter_id!r} generates text; Classify needs a classification adapter",
@@ -84,7 +87,7 @@ class Classifier:
         assert pad is not None
         results: list[LabelScores] = []
         with self._lock, torch.inference_mode():
-            model = self._model(adapter_id, info.labels, pad)
+            model = self._model(adapter_id, version, info.labels, pad)
             for start in range(0, len(encoded), BATCH):
                 chunk = [Example(ids, ids) for ids in encoded[start : start + BATCH]]
                 batch = collate(chunk, pad)  # the training path's padding, labels unused
@@ -101,10 +104,11 @@ class Classifier:
         with self._lock:
             self._loaded.pop(adapter_id, None)
 
-    def _model(self, adapter_id: str, labels: tuple[str, ...], pad: int) -> PeftModel:
-        if adapter_id in self._loaded:
+    def _model(self, adapter_id: str, version: str, labels: tuple[str, ...], pad: int) -> PeftModel:
+        if self._versions.get(adapter_id) == version and adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
             return self._loaded[adapter_id]
+        self._loaded.pop(adapter_id, None)  # another version: loaded again below
         base = load_classifier(
             self._base_model,
             labels=labels,
@@ -115,6 +119,7 @@ class Classifier:
         model = PeftModel.from_pretrained(base, str(self._registry.path(adapter_id)))
         model.eval()
         self._loaded[adapter_id] = model
+        self._versions[adapter_id] = version
         while len(self._loaded) > MAX_LOADED:
             self._loaded.popitem(last=False)
         log.info("classification adapter %s loaded", adapter_id)

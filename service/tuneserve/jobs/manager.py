@@ -38,6 +38,7 @@ from tuneserve.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     collect,
     shown,
 )
@@ -234,7 +235,10 @@ class JobManager:
                 self._check_room(request.caller)
                 stored = self._store.insert(job)  # the store settles a race between replicas
         except BaseException as e:
-            self._forget(key)
+            # Unavailable: the insert may have committed with its answer lost, so the rows
+            # stay for the job that may exist (a retry with the request_id finds it).
+            if not isinstance(e, Unavailable):
+                self._forget(key)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_full(e) from None
             raise

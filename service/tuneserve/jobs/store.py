@@ -22,7 +22,7 @@ import builtins
 import dataclasses
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tuneserve.errors import InvalidArgument
 from tuneserve.jobs.model import Job, JobState
@@ -210,7 +210,12 @@ def open_job_store(url: str, *, default_path: Path) -> JobStore:
 def redact(url: str) -> str:
     """`url` without its password, for logs and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = [
+        (name, "***" if name.lower() == "password" else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    if query:
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()

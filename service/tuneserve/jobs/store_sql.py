@@ -137,14 +137,19 @@ class SqlJobStore(abc.ABC):
     def claim(self, worker: str, lease_s: float) -> Job | None:
         now = time.time()
         with self._tx() as tx:
-            rows = tx.execute(
-                "SELECT id FROM jobs WHERE state=? OR (state=? AND lease_expires_at < ?)"
-                f" ORDER BY seq LIMIT 1{self._claim_lock}",
-                (JobState.QUEUED.value, JobState.RUNNING.value, now),
-            )
-            if not rows:
-                return None
-            job_id = rows[0][0]
+            while True:
+                rows = tx.execute(
+                    "SELECT id, cancel_requested FROM jobs WHERE state=? OR (state=? AND"
+                    f" lease_expires_at < ?) ORDER BY seq LIMIT 1{self._claim_lock}",
+                    (JobState.QUEUED.value, JobState.RUNNING.value, now),
+                )
+                if not rows:
+                    return None
+                job_id, cancel_requested = rows[0]
+                if not cancel_requested:
+                    break
+                # Cancelled while its replica was dead or stopping: it ends, never runs again.
+                self._cancelled(tx, job_id, now)
             tx.execute(
                 "UPDATE jobs SET state=?, attempts=attempts + 1, fence=fence + 1,"
                 " lease_owner=?, lease_expires_at=?, started_at=?, error=NULL,"
@@ -196,6 +201,10 @@ class SqlJobStore(abc.ABC):
     def release(self, job: Job) -> None:
         with self._tx() as tx:
             self._fenced(tx, job.id, job.fence)
+            rows = tx.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job.id,))
+            if rows[0][0]:  # a cancel its heartbeat had not seen yet
+                self._cancelled(tx, job.id, time.time())
+                return
             tx.execute(
                 "UPDATE jobs SET state=?, attempts=attempts - 1, started_at=NULL, progress=?,"
                 " lease_owner=NULL, lease_expires_at=NULL WHERE id=?",
@@ -309,6 +318,13 @@ class SqlJobStore(abc.ABC):
         rows = tx.execute(f"SELECT fence, state FROM jobs WHERE id=?{self._row_lock}", (job_id,))
         if not rows or int(rows[0][0]) != fence or rows[0][1] != JobState.RUNNING.value:
             raise LeaseLost(job_id, fence)
+
+    def _cancelled(self, tx: Tx, job_id: str, now: float) -> None:
+        tx.execute(
+            "UPDATE jobs SET state=?, finished_at=?, lease_owner=NULL, lease_expires_at=NULL"
+            " WHERE id=?",
+            (JobState.CANCELLED.value, now, job_id),
+        )
 
     def _write_final(self, tx: Tx, job: Job) -> None:
         tx.execute(

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PERSIST_EVERY_S = 1.0  # the job row's progress; loss points are written every step
 IDLE_POLL_S = 1.0  # between claims when the queue is empty (a local submit wakes it)
 RETRY_S = 1.0  # after a failed claim or bookkeeping write (the store unreachable)
+HEARTBEAT_RETRY_S = 1.0  # after a failed heartbeat
 TRAIN_FILE, VALIDATION_FILE = "train.jsonl", "validation.jsonl"
 
 
@@ -229,17 +230,22 @@ class Worker:
 
     def _heartbeat(self, job: Job, ended: threading.Event) -> None:
         """Renew the lease every third of it until the job ends here."""
-        while not ended.wait(self._lease_s / 3):
+        wait = self._lease_s / 3
+        while not ended.wait(wait):
             try:
                 if self._store.heartbeat(job.id, job.fence, self._lease_s):
                     self._cancel = True
+                wait = self._lease_s / 3
             except LeaseLost:
                 if not self._ended_by_me(job):
                     log.warning("job %s: lease lost; another replica has it now", job.id)
                     self._lost = True
                 return
-            except Exception as e:  # the store unreachable: the lease runs on meanwhile
+            except Exception as e:
+                # The store unreachable or slow: the lease runs on meanwhile, so try again
+                # soon rather than a third of a lease later, when it may have expired.
                 log.warning("job %s: heartbeat failed (%s)", job.id, e)
+                wait = min(HEARTBEAT_RETRY_S, self._lease_s / 3)
 
     def _ended_by_me(self, job: Job) -> bool:
         """This claim ended the job (the heartbeat raced its last write)."""
@@ -272,7 +278,7 @@ class Worker:
                 on_progress=self._progress_writer(job),
                 should_stop=self._should_stop,
                 validation_rows=validation,
-                parent_adapter_dir=self._registry.path(parent) if parent else None,
+                parent_adapter_dir=self._parent_files(parent, job_dir) if parent else None,
                 checkpoint_dir=checkpoints,
                 on_checkpoint=lambda path: self._commit_checkpoint(job, path),
             )
@@ -319,10 +325,15 @@ class Worker:
             code = "INVALID_DATASET" if isinstance(e, InvalidArgument) else "ADAPTER_EXISTS"
             failure = JobFailure(code=code, message=e.message, field=e.field, row=e.row)
             self._finish(job, JobState.FAILED, failure)
-        except Unavailable:
-            # The store or object storage is unreachable: the job is left to its lease,
-            # and whoever claims it next (this replica too) resumes from the checkpoint.
-            log.warning("job %s: shared storage unreachable; it will be resumed", job.id)
+        except Unavailable as e:
+            # Object storage or the store unreachable: the job goes back to the queue (not
+            # counted as an attempt) to resume from its checkpoint; if the store cannot
+            # take it back either, it is left to its lease, with the same outcome later.
+            log.warning("job %s: shared storage unreachable (%s); it will be resumed", job.id, e)
+            try:
+                self._store.release(job)
+            except Exception as again:
+                log.warning("job %s: left to its lease (%s)", job.id, again)
         except Exception as e:
             if _is_disk_full(e, self._work_dir):
                 log.error("job %s failed: the disk is full (%s)", job.id, e)
@@ -346,6 +357,17 @@ class Worker:
             read_snapshot(directory / TRAIN_FILE),
             read_snapshot(validation) if validation.exists() else [],
         )
+
+    def _parent_files(self, parent: str, job_dir: Path) -> Path:
+        """The parent adapter's files, the job's own for its whole run: a copy in the
+        cache could be evicted by generation before the trainer reads it."""
+        record = self._registry.record(parent)
+        local = self._artifacts.local_path(record.key)
+        if local is not None:
+            return local
+        directory = job_dir / "parent"
+        self._artifacts.get_dir(record.key, directory)
+        return directory
 
     def _should_stop(self) -> bool:
         if self._cancel or self._stopping or self._lost:
@@ -393,10 +415,16 @@ class Worker:
         stale worker's upload is never recorded, so never resumed from."""
         step = path.name.rsplit("-", 1)[-1]
         key = f"{checkpoint_prefix(job.id)}/{job.fence}-{step}"
+        if key == job.checkpoint:  # this very checkpoint is kept already
+            return
         self._artifacts.put_dir(key, path)
         previous = self._fenced(lambda: self._store.save_checkpoint(job.id, job.fence, key))
+        job.checkpoint = key
         if previous and previous != key:
-            self._artifacts.delete(previous)
+            try:  # superseded: its deletion is housekeeping, never the job's failure
+                self._artifacts.delete(previous)
+            except Exception as e:
+                log.warning("job %s: old checkpoint %s not deleted (%s)", job.id, previous, e)
 
     def _fenced(self, write: Callable[[], Any]) -> Any:
         try:

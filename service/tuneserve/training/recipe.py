@@ -173,8 +173,12 @@ def train_lora(
             )
         return [examples[i] for i in plans[epoch][position]]
 
+    saved_step = progress.step  # the step the newest checkpoint holds
+
     def write_checkpoint() -> None:
-        if checkpoint_dir is not None:
+        nonlocal saved_step
+        if checkpoint_dir is not None and progress.step != saved_step:
+            saved_step = progress.step
             written = save_checkpoint(
                 checkpoint_dir,
                 model=peft_model,
@@ -185,8 +189,7 @@ def train_lora(
             on_checkpoint(written)  # the job worker keeps it where other replicas see it
 
     def stop() -> None:
-        if progress.step > progress.resumed_from_step:  # resume here, not at the last save
-            write_checkpoint()
+        write_checkpoint()  # resume here, not at the last save (unless that is this step)
         raise StopTraining
 
     # --- Train.
