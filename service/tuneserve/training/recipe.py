@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from tuneserve.data.chat_template import RenderCancelled, RendererClosed, TemplateRenderer
 from tuneserve.data.examples import (
+    IGNORE_INDEX,
     Example,
     collate,
     collate_labelled,
@@ -204,13 +205,22 @@ def train_lora(
         first = _first_micro(step, accum, micro_per_epoch, steps_per_epoch)
         count = _micros_in_step(step, accum, micro_per_epoch, steps_per_epoch)
         step_tokens, step_loss = 0, 0.0
-        for index in range(first, first + count):
-            batch_examples = micro_batch(index, plans)
-            batch = {k: v.to(device) for k, v in batch_of(batch_examples, pad_id).items()}
-            loss = peft_model(**batch).loss / count
+        micro = [micro_batch(index, plans) for index in range(first, first + count)]
+        batches = [batch_of(examples, pad_id) for examples in micro]
+        # Each micro-batch's mean loss weighs by the targets it holds, out of the whole
+        # step's: the step's loss is the mean over every target in it, as one large batch's
+        # would be (and as HF Trainer weighs it), not a mean of micro-batch means, in which
+        # a short micro-batch of length-grouped rows counted as much as a long one.
+        counts = [loss_targets(batch, classify) for batch in batches]
+        step_targets = sum(counts)
+        for examples, batch, n in zip(micro, batches, counts, strict=True):
+            if n == 0:  # nothing to learn from (every label masked): no forward at all
+                continue
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            loss = peft_model(**on_device).loss * (n / step_targets)
             loss.backward()
             step_loss += float(loss.detach())
-            step_tokens += sum(len(e.input_ids) for e in batch_examples)
+            step_tokens += sum(len(e.input_ids) for e in examples)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
@@ -292,3 +302,13 @@ def _check_trainable(examples: Sequence[Example], spec: JobSpec) -> None:
                 field="training.max_seq_length",
                 row=index,
             )
+
+
+def loss_targets(batch: dict[str, torch.Tensor], classify: bool) -> int:
+    """The targets a micro-batch's mean loss is taken over: one per row for a classifier;
+    for a causal LM, the positions whose next token carries a label (the model shifts the
+    labels by one)."""
+    labels = batch["labels"]
+    if classify:
+        return int(labels.numel())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
