@@ -206,21 +206,21 @@ def train_lora(
         count = _micros_in_step(step, accum, micro_per_epoch, steps_per_epoch)
         step_tokens, step_loss = 0, 0.0
         micro = [micro_batch(index, plans) for index in range(first, first + count)]
-        batches = [batch_of(examples, pad_id) for examples in micro]
+        batches = [batch_of(rows_of_batch, pad_id) for rows_of_batch in micro]
         # Each micro-batch's mean loss weighs by the targets it holds, out of the whole
         # step's: the step's loss is the mean over every target in it, as one large batch's
         # would be (and as HF Trainer weighs it), not a mean of micro-batch means, in which
         # a short micro-batch of length-grouped rows counted as much as a long one.
         counts = [loss_targets(batch, classify) for batch in batches]
         step_targets = sum(counts)
-        for examples, batch, n in zip(micro, batches, counts, strict=True):
+        for rows_of_batch, batch, n in zip(micro, batches, counts, strict=True):
             if n == 0:  # nothing to learn from (every label masked): no forward at all
                 continue
             on_device = {k: v.to(device) for k, v in batch.items()}
             loss = peft_model(**on_device).loss * (n / step_targets)
             loss.backward()
             step_loss += float(loss.detach())
-            step_tokens += sum(len(e.input_ids) for e in examples)
+            step_tokens += sum(len(e.input_ids) for e in rows_of_batch)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
