@@ -61,3 +61,30 @@ def test_a_steps_loss_weighs_each_micro_batch_by_the_targets_it_holds(
     whole = first_step_loss(base_dir, tmp_path / "whole", batch_size=8, accumulation=1)
     accumulated = first_step_loss(base_dir, tmp_path / "accum", batch_size=4, accumulation=2)
     assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+def test_accumulated_steps_run_through_several_epochs(base_dir: Path, tmp_path: Path) -> None:
+    """Eight rows, 2 rows a micro-batch, 2 micro-batches a step: 2 steps an epoch, 5 steps
+    run across 3 epochs, every step reported once with a finite loss."""
+    spec = JobSpec(
+        base_model=str(base_dir),
+        adapter_id="epochs",
+        dataset_format=DatasetFormat.TEXT,
+        dataset_rows=len(ROWS),
+        lora=LoraSpec(r=4, dropout=0.0, target_modules=("c_attn",)),
+        training=TrainingSpec(
+            max_steps=5, batch_size=2, gradient_accumulation_steps=2, max_seq_length=64
+        ),
+    ).validate()
+    reports: list[Progress] = []
+    result = LoraTrainer(base_model=str(base_dir), device=torch.device("cpu"), dtype=torch.float32)(
+        spec=spec,
+        rows=ROWS,
+        output_dir=tmp_path,
+        on_progress=lambda p: reports.append(Progress(**vars(p))),
+        should_stop=lambda: False,
+    )
+    assert [p.step for p in reports] == [1, 2, 3, 4, 5]
+    assert reports[-1].epoch == pytest.approx(2.5)
+    assert all(0 < p.loss < 100 for p in reports)
+    assert result.steps == 5
