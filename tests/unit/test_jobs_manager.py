@@ -1472,7 +1472,9 @@ def test_cancel_on_a_replica_that_does_not_run_the_job_stops_it(env: Env) -> Non
     assert not other_registry.exists("vader")
     with pytest.raises(FailedPrecondition):
         other.cancel(job.id)
-    # The replicas go on; the cancel was this job's only.
+    # The replicas go on; the cancel was this job's only. Either may claim the next job,
+    # so the runner's trainer no longer holds.
+    runner_trainer.release.set()
     nxt = other.submit(request("next"))
     wait_state(other, nxt.id, JobState.SUCCEEDED)
 
