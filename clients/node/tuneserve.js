@@ -561,31 +561,6 @@ class RoutedClient {
     throw new Error('unreachable');
   }
 
-  async trainJob(request, options) {
-    const withId = { request_id: crypto.randomUUID(), ...request }; // one id over every replica
-    return (await this.unary('TrainJob', withId, options)).job;
-  }
-
-  async getStatus(jobId, options) {
-    return (await this.unary('GetStatus', { job_id: jobId }, options)).job;
-  }
-
-  async cancelJob(jobId, options) {
-    return (await this.unary('CancelJob', { job_id: jobId }, options)).job;
-  }
-
-  async listAdapters(options) {
-    return (await this.unary('ListAdapters', {}, options)).adapters;
-  }
-
-  generate(request, { timeoutMs = null } = {}) {
-    return this.unary('Generate', request, { timeoutMs });
-  }
-
-  waitForJob(jobId, options) {
-    return TuneserveClient.prototype.waitForJob.call(this, jobId, options);
-  }
-
   /** As TuneserveClient.generateStream; tried on another replica only before the first
    *  message. The call counts as in flight on its replica until the stream ends. */
   async *generateStream(request, { timeoutMs = null } = {}) {
@@ -670,6 +645,13 @@ class RoutedClient {
       retired.close();
     }
   }
+}
+
+// The calls built on `unary` are the same for one replica or many (trainJob's request_id,
+// made once, goes with every replica's attempt): RoutedClient takes them from
+// TuneserveClient, its `unary` routing each.
+for (const name of ['trainJob', 'getStatus', 'cancelJob', 'listAdapters', 'generate', 'waitForJob']) {
+  RoutedClient.prototype[name] = TuneserveClient.prototype[name];
 }
 
 module.exports = {

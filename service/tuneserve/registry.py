@@ -179,7 +179,7 @@ class AdapterRegistry:
         if published.key != record.key:  # this job had published it already
             self._delete_files(record.key)
             log.info("adapter %s was already published by job %s", info.id, info.source_job_id)
-            return self._info(published)
+            return self.info_of(published)
         return info
 
     def exists(self, adapter_id: str) -> bool:
@@ -187,7 +187,7 @@ class AdapterRegistry:
 
     def get(self, adapter_id: str) -> AdapterInfo:
         """NotFound if there is no such adapter; FailedPrecondition if it is damaged."""
-        return self._info(self.record(adapter_id))
+        return self.info_of(self.record(adapter_id))
 
     def record(self, adapter_id: str) -> AdapterRecord:
         """The adapter's index row (its version and key): NotFound when there is none."""
@@ -198,8 +198,11 @@ class AdapterRegistry:
 
     def path(self, adapter_id: str) -> Path:
         """A local directory holding the adapter's files (pulled on first use)."""
-        record = self.record(adapter_id)
-        self._info(record)
+        return self.files_of(self.record(adapter_id))
+
+    def files_of(self, record: AdapterRecord) -> Path:
+        """`path` for a record already read (one index lookup per request, not three)."""
+        self.info_of(record)  # FailedPrecondition for a damaged entry
         return self._cache.path(record.key)
 
     def list(self) -> list[AdapterInfo]:
@@ -224,7 +227,8 @@ class AdapterRegistry:
 
     # --- internals
 
-    def _info(self, record: AdapterRecord) -> AdapterInfo:
+    def info_of(self, record: AdapterRecord) -> AdapterInfo:
+        """A record's metadata, checked: FailedPrecondition if it is damaged."""
         try:
             return _load_info(_parse(record.info), record.id)
         except _Damaged as e:

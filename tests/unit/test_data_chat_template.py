@@ -75,6 +75,25 @@ def simple(renderer: TemplateRenderer) -> list[list[str]]:
     return renderer.render_prefixes([CHAT], SIMPLE, special_tokens={})
 
 
+def render_in_thread(
+    renderer: TemplateRenderer,
+) -> tuple[threading.Thread, list[BaseException], threading.Event]:
+    """A check of SIMPLE on its own thread: the thread, the errors it raised and the event
+    `in_flight` sets once the request is with a worker (or waiting for one)."""
+    errors: list[BaseException] = []
+    started, should_stop = in_flight()
+
+    def render() -> None:
+        try:
+            renderer.check(SIMPLE, CHAT, special_tokens={}, should_stop=should_stop)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=render)
+    thread.start()
+    return thread, errors, started
+
+
 def in_flight() -> tuple[threading.Event, Callable[[], bool]]:
     """A should_stop that never stops, and an event it sets: the caller asks should_stop
     only while waiting for a worker's answer, so once set, the request is with a worker."""
@@ -286,17 +305,7 @@ def test_close_kills_workers_and_stops_calls_in_flight(renderer: TemplateRendere
     # this busy machine takes to get to close(), and SIGKILL must still end them.
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
-    errors: list[BaseException] = []
-    rendering, should_stop = in_flight()
-
-    def render() -> None:
-        try:
-            renderer.check(SIMPLE, CHAT, special_tokens={}, should_stop=should_stop)
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=render)
-    thread.start()
+    thread, errors, rendering = render_in_thread(renderer)
     assert rendering.wait(PATIENCE_S)
     renderer.close()
     # Gone when close() returns, the busy worker, the idle one and the zygote: the server's
@@ -314,17 +323,8 @@ def test_close_kills_workers_and_stops_calls_in_flight(renderer: TemplateRendere
 def test_close_while_the_zygote_starts_stops_it_and_its_waiting_callers() -> None:
     before = _zygotes()
     renderer = TemplateRenderer(RenderLimits(workers=1))
-    errors: list[BaseException] = []
-    waiting, should_stop = in_flight()  # asked while waiting for the zygote's imports
-
-    def render() -> None:
-        try:
-            renderer.check(SIMPLE, CHAT, special_tokens={}, should_stop=should_stop)
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=render)
-    thread.start()
+    # Asked while waiting for the zygote's imports.
+    thread, errors, waiting = render_in_thread(renderer)
     assert waiting.wait(PATIENCE_S)
     [zygote] = _zygotes() - before
     renderer.close()

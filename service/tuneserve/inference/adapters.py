@@ -147,9 +147,8 @@ class AdapterCache:
 
     def _load(self, adapter_id: str) -> None:
         record = self._registry.record(adapter_id)
-        info = self._registry.get(adapter_id)
-        check_servable(info, self._base_model)
-        directory = self._registry.path(adapter_id)
+        check_servable(self._registry.info_of(record), self._base_model)
+        directory = self._registry.files_of(record)
         # Every matrix is read and checked against the model before the first is written
         # into a slot: a misfit never touches the model.
         self._lora.add(adapter_id, read_lora(adapter_id, directory, self.model))

@@ -20,7 +20,7 @@ from tuneserve.data.examples import Example, collate
 from tuneserve.errors import FailedPrecondition, InvalidArgument
 from tuneserve.inference.text_limits import check_text_size
 from tuneserve.models import load_classifier
-from tuneserve.registry import AdapterRegistry
+from tuneserve.registry import AdapterRecord, AdapterRegistry
 from tuneserve.vocabulary import Task, check_adapter_id
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class Classifier:
         for i, text in enumerate(texts):
             check_text_size(text, limit, field=f"texts[{i}]")
         # The shared index, read now: a version trained after ours was loaded replaces it.
-        version = self._registry.record(check_adapter_id(adapter_id)).version
-        info = self._registry.get(adapter_id)
+        record = self._registry.record(check_adapter_id(adapter_id))
+        info = self._registry.info_of(record)
         if info.task != Task.CLASSIFICATION.value:
             raise FailedPrecondition(
                 f"adapter {adapter_id!r} generates text; Classify needs a classification adapter",
@@ -87,7 +87,7 @@ class Classifier:
         assert pad is not None
         results: list[LabelScores] = []
         with self._lock, torch.inference_mode():
-            model = self._model(adapter_id, version, info.labels, pad)
+            model = self._model(record, info.labels, pad)
             for start in range(0, len(encoded), BATCH):
                 chunk = [Example(ids, ids) for ids in encoded[start : start + BATCH]]
                 batch = collate(chunk, pad)  # the training path's padding, labels unused
@@ -104,7 +104,8 @@ class Classifier:
         with self._lock:
             self._loaded.pop(adapter_id, None)
 
-    def _model(self, adapter_id: str, version: str, labels: tuple[str, ...], pad: int) -> PeftModel:
+    def _model(self, record: AdapterRecord, labels: tuple[str, ...], pad: int) -> PeftModel:
+        adapter_id, version = record.id, record.version
         if self._versions.get(adapter_id) == version and adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
             return self._loaded[adapter_id]
@@ -116,7 +117,7 @@ class Classifier:
             device=self._device,
             dtype=self._dtype,
         )
-        model = PeftModel.from_pretrained(base, str(self._registry.path(adapter_id)))
+        model = PeftModel.from_pretrained(base, str(self._registry.files_of(record)))
         model.eval()
         self._loaded[adapter_id] = model
         self._versions[adapter_id] = version

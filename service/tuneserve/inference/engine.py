@@ -231,7 +231,7 @@ class Engine:
         loaded from another version (deleted and trained again, on another replica) are
         dropped, so the request gets the current one."""
         record = self._registry.record(check_adapter_id(adapter_id))
-        check_servable(self._registry.get(adapter_id), self._config.base_model)
+        check_servable(self._registry.info_of(record), self._config.base_model)
         adapters = self._adapters
         if adapters is not None and adapters.version_of(adapter_id) not in (None, record.version):
             log.info("adapter %s changed (version %s); reloading", adapter_id, record.version)

@@ -174,7 +174,7 @@ def open_job_store(url: str, *, default_path: Path) -> JobStore:
     PostgreSQL (the password best from libpq's PGPASSWORD or PGPASSFILE; one in the URL is
     accepted and never logged)."""
     try:
-        urlsplit(url)
+        parts = urlsplit(url)
     except ValueError as e:
         raise InvalidArgument(
             f"job_store: not a URL ({e}); give nothing, sqlite:///path or "
@@ -185,18 +185,16 @@ def open_job_store(url: str, *, default_path: Path) -> JobStore:
         from tuneserve.jobs.store_sqlite import SQLiteJobStore
 
         return SQLiteJobStore(default_path)
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
+    if parts.scheme == "sqlite":
         from tuneserve.jobs.store_sqlite import SQLiteJobStore
 
-        path = urlsplit(url).path
-        if not path.startswith("/"):
+        if not parts.path.startswith("/"):
             raise InvalidArgument(
                 "job_store: a SQLite URL names an absolute path: sqlite:///var/lib/jobs.db",
                 field="job_store",
             )
-        return SQLiteJobStore(Path(path))
-    if scheme in ("postgresql", "postgres"):
+        return SQLiteJobStore(Path(parts.path))
+    if parts.scheme in ("postgresql", "postgres"):
         from tuneserve.jobs.store_postgres import PostgresJobStore
 
         return PostgresJobStore(url)

@@ -196,16 +196,9 @@ class TuneserveClient:
         raise for FAILED: look at `job.state` and `job.error`). `on_progress` sees the job
         at every poll (`progress_printer()` prints a line when it moves). TimeoutError after
         `timeout` seconds; None waits as long as it takes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get_status(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job.state in FINAL_STATES:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-            time.sleep(poll_s)
+        return poll_job(
+            self.get_status, job_id, on_progress=on_progress, poll_s=poll_s, timeout=timeout
+        )
 
     wait = wait_for_job
 
@@ -301,6 +294,29 @@ class TuneserveClient:
             deadline=self._deadline(timeout, slow=slow),
             what=type(request).__name__.removesuffix("Request"),
         )
+
+
+def poll_job(
+    get_status: Callable[[str], pb.Job],
+    job_id: str,
+    *,
+    on_progress: Callable[[pb.Job], None] | None,
+    poll_s: float,
+    timeout: float | None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> pb.Job:
+    """`get_status(job_id)` every `poll_s` until the job has ended (TimeoutError after
+    `timeout` seconds; None: no limit); `on_progress` sees it at every poll."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = get_status(job_id)
+        if on_progress is not None:
+            on_progress(job)
+        if job.state in FINAL_STATES:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not finished after {timeout}s")
+        sleep(poll_s)
 
 
 def _dataset(rows: Iterable[Mapping[str, Any]] | None, path: str | None) -> pb.Dataset:

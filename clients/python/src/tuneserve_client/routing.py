@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tuneserve_client.client import DEFAULT, FINAL_STATES, Timeout, TuneserveClient
+from tuneserve_client.client import DEFAULT, Timeout, TuneserveClient, poll_job
 from tuneserve_client.errors import ClientError
 from tuneserve_client.retry import RetryPolicy
 from tuneserve_client.v1 import tuneserve_pb2 as pb
@@ -450,16 +450,14 @@ class RoutedClient:
         timeout: float | None = None,
     ) -> pb.Job:
         """As TuneserveClient.wait_for_job; each poll may go to another replica."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get_status(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job.state in FINAL_STATES:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-            self._sleep(poll_s)
+        return poll_job(
+            self.get_status,
+            job_id,
+            on_progress=on_progress,
+            poll_s=poll_s,
+            timeout=timeout,
+            sleep=self._sleep,
+        )
 
     wait = wait_for_job
 
