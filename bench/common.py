@@ -8,6 +8,7 @@ same machine train on the same bytes and differ only in timing noise."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -156,6 +157,26 @@ def make_rows(n: int, tokenizer: Tokenizer, *, mix: LengthMix, seed: int) -> lis
     return rows
 
 
+def pareto_lengths(
+    n: int, *, median: float = 100.0, p99: float = 1000.0, low: int = 8, seed: int = 0
+) -> list[int]:
+    """`n` row lengths in tokens from a Pareto distribution fitted to a median and a 99th
+    percentile, the long tail of real instruction data (a few rows are documents). Rows are
+    not truncated here: a trainer's max_seq_length cuts them, as it cuts users' rows."""
+    # Pareto quantile: x_m * (1 - q) ** (-1 / a); the median and p99 give a and x_m.
+    shape = math.log(50) / math.log(p99 / median)
+    scale = median / 2 ** (1 / shape)
+    rng = random.Random(seed)
+    return [max(low, round(scale * (1 - rng.random()) ** (-1 / shape))) for _ in range(n)]
+
+
+def make_rows_of_lengths(lengths: Sequence[int], tokenizer: Tokenizer, *, seed: int) -> list[Row]:
+    """One prompt/response row per length (a row's tokens, prompt and response, to within a
+    sentence); rows over 200 tokens ask for a report."""
+    rng = random.Random(seed)
+    return [_row(rng, tokenizer, long=n > 200, target=n) for n in lengths]
+
+
 def row_text(row: Row) -> str:
     """The text form of a prompt/response row, as the article-1 recipe trains on it."""
     return row["prompt"] + row["response"]
@@ -215,27 +236,35 @@ def build_model_dir(
 IGNORE_INDEX = -100
 
 
-def _eval_example(tokenizer: Tokenizer, row: Row) -> tuple[list[int], list[int]]:
+def _eval_example(
+    tokenizer: Tokenizer, row: Row, max_len: int | None
+) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_token_id
     assert eos is not None
     prompt = list(tokenizer(row["prompt"])["input_ids"])
     response = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"], eos]
-    return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    return (prompt + response)[:max_len], ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
 
 
 @torch.no_grad()
 def response_loss(
-    model: torch.nn.Module, tokenizer: Tokenizer, rows: Sequence[Row], *, batch_size: int = 8
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    rows: Sequence[Row],
+    *,
+    batch_size: int = 8,
+    max_len: int | None = None,
 ) -> float:
     """Mean cross-entropy per response token (end-of-sequence included) on held-out rows,
     prompts masked, pads neither attended to nor counted. Each contender's own training loss
     counts different tokens (the recipe's counts prompts and pads), so it cannot be compared;
     this one is the same yardstick for all, written here rather than taken from the service
-    so that a change to the trainer cannot move it."""
+    so that a change to the trainer cannot move it. Rows are cut at `max_len` tokens, as the
+    trainers cut them."""
     device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
-    examples = [_eval_example(tokenizer, row) for row in rows]
+    examples = [_eval_example(tokenizer, row, max_len) for row in rows]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)

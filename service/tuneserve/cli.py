@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--gradient-accumulation-steps", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--packing", action="store_true", help="padding-free batches (same rows per step)"
+    )
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--loss-on", default="", choices=["", "completion", "all"])
     p.add_argument("--rslora", action="store_true")
@@ -292,6 +295,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every_steps=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,
         loss_on=args.loss_on,
+        packing=args.packing,
     )
     if args.seed is not None:
         training.seed = args.seed

@@ -75,6 +75,10 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     loss_on: str = "completion"  # "completion" (response only) or "all"
     group_by_length: bool = True  # batch rows of similar length: far less padding
+    # Lay a micro-batch's rows end to end in rows of max_seq_length, attention confined to
+    # each (padding-free); off: pad each micro-batch to its longest row. Same rows per step,
+    # same targets, so the schedule and epochs mean the same either way.
+    packing: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -136,13 +136,19 @@ def test_rslora_dora_and_gradient_accumulation(
             adapter_id="variants",
             lora=pb.LoraConfig(r=4, use_rslora=True, target_modules=["c_attn"]),
             training=pb.TrainingConfig(
-                epochs=2, batch_size=3, gradient_accumulation_steps=2, gradient_checkpointing=True
+                epochs=2,
+                batch_size=3,
+                gradient_accumulation_steps=2,
+                gradient_checkpointing=True,
+                packing=True,
             ),
         )
         job = client.wait(job.id, timeout=300)
         assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
-        # 16 rows / 3 per micro-batch = 6 micro-batches, 2 per step: 3 steps an epoch.
+        # 16 rows / 3 per micro-batch = 6 micro-batches, 2 per step: 3 steps an epoch
+        # (packed or not: packing lays out a micro-batch's rows, it does not add any).
         assert job.progress.total_steps == 6
+        assert job.training.packing
         assert job.lora.use_rslora
         modules = client.get_adapter("variants").lora.target_modules
         assert modules and all(m.endswith("c_attn") for m in modules)

@@ -88,3 +88,67 @@ def test_accumulated_steps_run_through_several_epochs(base_dir: Path, tmp_path: 
     assert reports[-1].epoch == pytest.approx(2.5)
     assert all(0 < p.loss < 100 for p in reports)
     assert result.steps == 5
+
+
+# Prompt/response rows of very different lengths (prompts out of the loss), so that packed
+# rows hold several examples and example boundaries fall everywhere.
+PAIRS = [
+    {
+        "prompt": f"Question {i}: " + " ".join(f"q{j}" for j in range(1 + (7 * i) % 9)),
+        "response": " " + " ".join(f"a{j}" for j in range(2 + (5 * i) % 23)),
+    }
+    for i in range(12)
+]
+
+
+def run_losses(
+    base_dir: Path, tmp: Path, *, packing: bool, loss_on: str = "completion"
+) -> tuple[list[float], float]:
+    """Every step's loss and the final held-out loss of a 3-epoch run on PAIRS."""
+    spec = JobSpec(
+        base_model=str(base_dir),
+        adapter_id="packing",
+        dataset_format=DatasetFormat.PROMPT_RESPONSE,
+        dataset_rows=len(PAIRS),
+        validation_rows=4,
+        lora=LoraSpec(r=4, dropout=0.0),
+        training=TrainingSpec(
+            epochs=3,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=5e-3,
+            max_seq_length=160,
+            packing=packing,
+            loss_on=loss_on,
+        ),
+    ).validate()
+    losses: list[float] = []  # the trainer reports one Progress object, updated in place
+    result = LoraTrainer(base_model=str(base_dir), device=torch.device("cpu"), dtype=torch.float32)(
+        spec=spec,
+        rows=PAIRS,
+        validation_rows=PAIRS[:4],
+        output_dir=tmp,
+        on_progress=lambda progress: losses.append(progress.loss),
+        should_stop=lambda: False,
+    )
+    assert result.eval_loss is not None
+    return losses, result.eval_loss
+
+
+@pytest.mark.parametrize(("architecture", "loss_on"), [("gpt2", "all"), ("llama", "completion")])
+def test_a_packed_run_trains_as_the_padded_run_on_the_same_rows(
+    tmp_path: Path, architecture: str, loss_on: str
+) -> None:
+    """Packing lays each micro-batch's rows end to end (position ids restarting, attention
+    confined to each row, the first label of each row out of the loss): every step's loss,
+    and so every update, is the padded run's within float32 rounding (relative 1e-4), for
+    absolute positions (GPT-2) and rotary ones (Llama), with the loss on every token (where
+    a row's first token is a label) or on responses only. Attention leaking across rows, or
+    a row's first token counted as a target of the row before, moves them by far more."""
+    base = build_tiny_model(tmp_path / architecture, architecture=architecture)
+    padded, padded_eval = run_losses(base, tmp_path / "padded", packing=False, loss_on=loss_on)
+    packed, packed_eval = run_losses(base, tmp_path / "packed", packing=True, loss_on=loss_on)
+    assert len(padded) == len(packed) == 6
+    assert packed == pytest.approx(padded, rel=1e-4)
+    assert packed_eval == pytest.approx(padded_eval, rel=1e-4)
+    assert padded[-1] < padded[0]  # it learnt something: the equality is not of two no-ops

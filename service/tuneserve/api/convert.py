@@ -103,6 +103,7 @@ def train_request(req: pb.TrainJobRequest, *, caller: str = "") -> TrainRequest:
             checkpoint_every_steps=tr.checkpoint_every_steps,
             gradient_checkpointing=tr.gradient_checkpointing,
             loss_on=tr.loss_on or defaults_tr.loss_on,
+            packing=tr.packing,
         ),
         request_id=req.request_id,
         caller=caller,
@@ -166,6 +167,7 @@ def job(j: Job) -> pb.Job:
             checkpoint_every_steps=s.training.checkpoint_every_steps,
             gradient_checkpointing=s.training.gradient_checkpointing,
             loss_on=s.training.loss_on,
+            packing=s.training.packing,
         ),
     )
     if j.started_at is not None:

@@ -74,6 +74,47 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_packed(
+    examples: Sequence[Example], pad_token_id: int, capacity: int
+) -> dict[str, torch.Tensor]:
+    """Padding-free: the examples laid end to end in rows of at most `capacity` tokens
+    (first fit, longest first), each with position ids restarting at 0 and no attention
+    mask, so the model confines attention to each example (transformers builds a
+    block-diagonal causal mask from position ids that restart, and flash-attention's varlen
+    kernels read the same). Each example's first label is ignored: there the model would
+    predict it from the example before. So the targets are the padded batch's, one for one.
+    Rows shorter than the longest are filled with pad positions that form their own block,
+    out of the loss."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(e.input_ids)
+        if n > capacity:
+            raise ValueError(f"an example of {n} tokens does not fit rows of {capacity}")
+        for i, free in enumerate(room):
+            if n <= free:
+                bins[i].append(e)
+                room[i] -= n
+                break
+        else:
+            bins.append([e])
+            room.append(capacity - n)
+    width = capacity - min(room)
+    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    for row, members in enumerate(bins):
+        start = 0
+        for e in members:
+            n = len(e.input_ids)
+            input_ids[row, start : start + n] = torch.tensor(e.input_ids)
+            labels[row, start + 1 : start + n] = torch.tensor(e.labels[1:])
+            position_ids[row, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[row, start:] = torch.arange(width - start)  # the pads' own block
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 def encode_labelled(
     rows: Sequence[Row],
     tokenizer: PreTrainedTokenizerBase,

@@ -107,6 +107,7 @@ INHERITED_TRAINING = (
     "gradient_accumulation_steps",
     "loss_on",
     "gradient_checkpointing",
+    "packing",
 )
 
 
