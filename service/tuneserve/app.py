@@ -80,7 +80,9 @@ def build_services(config: ServerConfig) -> Services:
     worker = None
     if config.trains:
         policy = DevicePolicy(
-            generation_busy=lambda: engine.busy, max_yield_s=config.training_yield_s
+            generation_busy=lambda: engine.busy,
+            max_yield_s=config.training_yield_s,
+            release_idle=engine.release_idle_threads,
         )
         worker = Worker(
             store=store,

@@ -22,12 +22,24 @@ POLL_S = 0.002
 class DevicePolicy:
     """Thread-safe: it only reads `generation_busy`."""
 
-    def __init__(self, *, generation_busy: Callable[[], bool], max_yield_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        generation_busy: Callable[[], bool],
+        max_yield_s: float,
+        release_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self._busy = generation_busy
+        # Called before each step while nothing is generated: the decode thread lets go of
+        # the threads it would compete with (Engine.release_idle_threads).
+        self._release_idle = release_idle
         self._max_yield_s = max_yield_s
         self.yielded_s = 0.0  # total time training waited, for metrics and benchmarks
 
     def before_training_step(self) -> None:
+        if not self._busy():
+            self._release_idle()
+            return
         if self._max_yield_s <= 0:
             return
         started = time.monotonic()

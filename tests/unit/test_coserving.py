@@ -36,6 +36,24 @@ def test_an_idle_server_trains_without_waiting() -> None:
     assert policy.yielded_s < 0.05
 
 
+def test_the_decode_threads_are_released_before_a_step_only_while_nothing_is_generated() -> None:
+    released: list[float] = []
+    idle = DevicePolicy(
+        generation_busy=Busy(for_s=0.0),
+        max_yield_s=10.0,
+        release_idle=lambda: released.append(time.monotonic()),
+    )
+    idle.before_training_step()
+    assert len(released) == 1
+    busy = DevicePolicy(
+        generation_busy=Busy(for_s=60.0),
+        max_yield_s=0.05,
+        release_idle=lambda: released.append(time.monotonic()),
+    )
+    busy.before_training_step()  # generation running: its threads are in use
+    assert len(released) == 1
+
+
 def test_training_waits_while_generation_runs_and_goes_on_when_it_ends() -> None:
     policy = DevicePolicy(generation_busy=Busy(for_s=0.15), max_yield_s=10.0)
     waited = timed(policy)
@@ -66,7 +84,7 @@ def test_max_yield_s_zero_never_waits(max_yield_s: float) -> None:
     busy = Busy(for_s=60.0)
     policy = DevicePolicy(generation_busy=busy, max_yield_s=max_yield_s)
     assert timed(policy) < 0.05
-    assert busy.calls == 0
+    assert busy.calls <= 1  # one look: whether the decode thread's threads may go
     assert policy.yielded_s == 0.0
 
 

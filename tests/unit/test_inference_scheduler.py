@@ -723,3 +723,28 @@ def test_a_request_whose_scores_turn_non_finite_in_a_step_fails_alone(
         assert req.generated == solo_tokens(reference, tokenizer, req)
     wait_until(lambda: not scheduler.busy)
     assert scheduler.call(lambda: cache.drop("a2")) is True  # its use was given back
+
+
+def test_release_team_hands_the_idle_loop_to_a_fresh_thread(
+    make_scheduler: Callable[..., Scheduler], tokenizer: Any
+) -> None:
+    """A decode thread that has run torch leaves for a fresh one once nothing runs or
+    waits (its OpenMP team goes with it, see Scheduler.release_team); a request running
+    when it is asked is neither cut short nor changed, and generation goes on unchanged on
+    the new thread. One that has not run torch stays."""
+    scheduler = make_scheduler()
+    untouched = scheduler._thread
+    scheduler.release_team()
+    time.sleep(0.2)
+    assert scheduler._thread is untouched and untouched.is_alive()
+
+    expected = alone(scheduler, request(tokenizer, "Luke, I am", max_new_tokens=30)).text
+    first = scheduler._thread
+    with paused(scheduler):
+        running = request(tokenizer, "Luke, I am", max_new_tokens=30)
+        scheduler.submit(running)
+        scheduler.release_team()
+    assert result(running).text == expected  # not cut short, not disturbed
+    wait_until(lambda: scheduler._thread is not first and not first.is_alive())
+    assert scheduler._thread.name == "decode"
+    assert alone(scheduler, request(tokenizer, "Luke, I am", max_new_tokens=30)).text == expected

@@ -117,6 +117,12 @@ class Engine:
     def busy(self) -> bool:
         return self._scheduler is not None and self._scheduler.busy
 
+    def release_idle_threads(self) -> None:
+        """While nothing is generated, the decode thread lets its OpenMP team go, so that a
+        training job on this CPU runs as fast as alone (Scheduler.release_team)."""
+        if self._scheduler is not None and self.device.type == "cpu":
+            self._scheduler.release_team()
+
     def load(self) -> None:
         """Load the base model, start the scheduler, run one short generation to warm up."""
         # A model the batch cannot hold fails here, from its config, before its weights load.
