@@ -98,7 +98,9 @@ from tuneserve.training.runner import LoraTrainer
 from tuneserve.vocabulary import DatasetFormat, JobSpec, LoraSpec, Progress, TrainingSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("seed", "hf-grouped", "hf-flatten", "in-process", "packed", "server", "ideal")
+# The server right after the in-process run: rotated, they stay neighbours, and their
+# ratio is taken pair by pair (this shared machine's speed drifts by 10% over minutes).
+CONTENDERS = ("seed", "hf-grouped", "hf-flatten", "in-process", "server", "packed", "ideal")
 SLOW = frozenset({"seed", "hf-flatten"})  # trained on the first slow_rows rows
 SCORED = ("seed", "hf-grouped", "hf-flatten", "in-process", "packed", "server")
 # The issue's goals, for the server on the long-tailed set.
@@ -133,6 +135,8 @@ class Settings:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     seed: int = 0
+    # The issue's goals against the ideal and the seed recipe are for the long-tailed set.
+    ideal_and_seed_goals: bool = False
 
     def steps(self, rows: int) -> int:
         return self.epochs * -(-rows // self.batch_size)
@@ -158,7 +162,15 @@ class Settings:
 
 
 FIXTURE = Settings()
-PARETO = Settings(name="pareto", mix=None, train_rows=800, slow_rows=120, eval_rows=48, epochs=1)
+PARETO = Settings(
+    name="pareto",
+    mix=None,
+    train_rows=800,
+    slow_rows=80,
+    eval_rows=48,
+    epochs=1,
+    ideal_and_seed_goals=True,
+)
 _QUICK_FIXTURE = Settings(
     name="fixture",
     shape=ModelShape(n_embd=64, n_layer=2, n_head=2, n_positions=256),
@@ -170,7 +182,10 @@ _QUICK_FIXTURE = Settings(
     batch_size=4,
     max_seq_length=128,
 )
-QUICK = (_QUICK_FIXTURE, replace(_QUICK_FIXTURE, name="pareto", mix=None))
+QUICK = (
+    _QUICK_FIXTURE,
+    replace(_QUICK_FIXTURE, name="pareto", mix=None, ideal_and_seed_goals=True),
+)
 
 
 @dataclass
@@ -208,6 +223,7 @@ class Run:
     eval_loss: float | None = None
     server_seconds: float | None = None  # the job's own start to end, server clock
     position: int = 0  # order within its repeat
+    repeat: int = 0
 
     @property
     def useful_tokens_per_s(self) -> float:
@@ -543,7 +559,7 @@ def run_one(ctx: Context, contender: str, repeat: int, position: int) -> Run:
     if contender in SCORED:
         run.eval_loss = score_adapter(ctx, adapter_dir)
         _release(ctx.device)
-    run.position = position
+    run.position, run.repeat = position, repeat
     return run
 
 
@@ -613,8 +629,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def paired(runs: Sequence[Run], a: str, b: Sequence[str]) -> float | None:
+    """The median over repeats of a's throughput over the best of b's in the same repeat."""
+    by_repeat: dict[int, dict[str, float]] = {}
+    for r in runs:
+        by_repeat.setdefault(r.repeat, {})[r.contender] = r.useful_tokens_per_s
+    ratios = [
+        rates[a] / max(rates[x] for x in b if x in rates)
+        for rates in by_repeat.values()
+        if a in rates and any(x in rates for x in b)
+    ]
+    return median(ratios)
+
+
 def summarise(
-    runs: Sequence[Run], *, n_params: int, device: torch.device, peak_tflops: float
+    runs: Sequence[Run],
+    *,
+    n_params: int,
+    device: torch.device,
+    peak_tflops: float,
+    ideal_and_seed_goals: bool,
 ) -> dict[str, Any]:
     """Medians per contender, the ratios the goals name, and the goals."""
     medians: dict[str, dict[str, float | None]] = {}
@@ -637,23 +671,28 @@ def summarise(
         "server_over_in_process": _ratio(tps["server"], tps["in-process"]),
         "server_over_best_hf": _ratio(tps["server"], hf_best),
         "in_process_over_ideal": _ratio(tps["in-process"], tps["ideal"]),
+        "packed_over_in_process": _ratio(tps["packed"], tps["in-process"]),
+        # Pair by pair within each repeat: what the goals on the service's overhead use.
+        "server_over_in_process_paired": paired(runs, "server", ["in-process"]),
+        "server_over_best_hf_paired": paired(runs, "server", ["hf-grouped", "hf-flatten"]),
     }
     losses = {name: medians[name]["eval_loss"] for name in SCORED}
     unpacked = losses["in-process"]
     packed_or_server = [v for v in (losses["packed"], losses["server"]) if v is not None]
     goals = {
-        "server_over_ideal": _goal(ratios["server_over_ideal"], GOAL_OVER_IDEAL, ">="),
-        "server_over_seed": _goal(ratios["server_over_seed"], GOAL_OVER_SEED, ">="),
         "server_over_in_process": _goal(
-            ratios["server_over_in_process"], GOAL_OVER_IN_PROCESS, ">="
+            ratios["server_over_in_process_paired"], GOAL_OVER_IN_PROCESS, ">="
         ),
-        "server_over_best_hf": _goal(ratios["server_over_best_hf"], GOAL_OVER_HF, ">="),
+        "server_over_best_hf": _goal(ratios["server_over_best_hf_paired"], GOAL_OVER_HF, ">="),
         "eval_loss_not_worse": _goal(
             max(packed_or_server, default=None),
             None if unpacked is None else unpacked * (1 + LOSS_TOLERANCE),
             "<=",
         ),
     }
+    if ideal_and_seed_goals:
+        goals["server_over_ideal"] = _goal(ratios["server_over_ideal"], GOAL_OVER_IDEAL, ">=")
+        goals["server_over_seed"] = _goal(ratios["server_over_seed"], GOAL_OVER_SEED, ">=")
     return {
         "throughput_tokens_per_s": tps,
         "ratios": ratios,
@@ -797,7 +836,13 @@ def run_dataset(
             ctx.server.client.close()
             ctx.server.proc.terminate()
             ctx.server.proc.wait(60)
-    report = summarise(runs, n_params=n_params, device=device, peak_tflops=args.peak_tflops)
+    report = summarise(
+        runs,
+        n_params=n_params,
+        device=device,
+        peak_tflops=args.peak_tflops,
+        ideal_and_seed_goals=s.ideal_and_seed_goals,
+    )
     return {
         **report,
         "base_eval_loss": base_loss,
