@@ -129,6 +129,7 @@ $(DEPLOY_VENV)/.installed: .ci/deploy-requirements.txt
 # Speed against the seeds' recipes, measured in the same run: writes bench/results/*.json.
 bench: setup postgresql
 	$(PY) -m bench.train
+	$(PY) -m bench.train --dtype bfloat16 --datasets pareto --output bench/results/train-bf16.json
 	$(PY) -m bench.generate
 	$(PY) -m bench.scale
 

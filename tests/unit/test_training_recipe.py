@@ -152,3 +152,32 @@ def test_a_packed_run_trains_as_the_padded_run_on_the_same_rows(
     assert packed == pytest.approx(padded, rel=1e-4)
     assert packed_eval == pytest.approx(padded_eval, rel=1e-4)
     assert padded[-1] < padded[0]  # it learnt something: the equality is not of two no-ops
+
+
+@pytest.mark.parametrize(("every", "expected"), [(0, []), (3, ["step-00000003", "step-00000006"])])
+def test_the_default_checkpoint_cadence_writes_at_most_one_a_minute(
+    base_dir: Path, tmp_path: Path, every: int, expected: list[str]
+) -> None:
+    """Eight steps in a few seconds: about every 10% of the run would be every step, but the
+    default writes none before a minute has passed; a cadence the job asks for is kept."""
+    spec = JobSpec(
+        base_model=str(base_dir),
+        adapter_id="cadence",
+        dataset_format=DatasetFormat.TEXT,
+        dataset_rows=len(ROWS),
+        lora=LoraSpec(r=4, dropout=0.0, target_modules=("c_attn",)),
+        training=TrainingSpec(
+            max_steps=8, batch_size=1, max_seq_length=64, checkpoint_every_steps=every
+        ),
+    ).validate()
+    written: list[str] = []
+    LoraTrainer(base_model=str(base_dir), device=torch.device("cpu"), dtype=torch.float32)(
+        spec=spec,
+        rows=ROWS,
+        output_dir=tmp_path / "out",
+        on_progress=lambda progress: None,
+        should_stop=lambda: False,
+        checkpoint_dir=tmp_path / "checkpoints",
+        on_checkpoint=lambda path: written.append(path.name),
+    )
+    assert written == expected
