@@ -202,7 +202,13 @@ def test_the_node_client_sends_each_adapter_where_python_would(
     adapters = ADAPTERS[:4]
     dead = next(
         address
-        for address in (f"127.0.0.1:{port}" for port in range(1, 1024))
+        # Loopback addresses on ports nothing listens on (refused at once), over many
+        # hosts: one replica's score can be so high that none of 1,023 ports beat it.
+        for address in (
+            f"127.0.{host // 256}.{host % 256}:{port}"
+            for host in range(1, 65536)
+            for port in range(1, 1024, 97)
+        )
         if rank_replicas(adapters[0], [*cluster, address])[0] == address
     )
     targets = [*cluster, dead]
