@@ -95,7 +95,7 @@ from bench.common import (
 from tuneserve.logs import quiet_libraries
 from tuneserve.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from tuneserve.training.runner import LoraTrainer
-from tuneserve.vocabulary import DatasetFormat, JobSpec, LoraSpec, Progress, TrainingSpec
+from tuneserve.vocabulary import DatasetFormat, JobSpec, LoraSpec, TrainingSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The server right after the in-process run: rotated, they stay neighbours, and their
@@ -368,7 +368,7 @@ def run_hf(ctx: Context, adapter_dir: Path, *, flatten: bool) -> Run:
     return Run(name, seconds, ctx.useful_for(name), steps=steps, final_train_loss=loss)
 
 
-def job_spec(ctx: Context) -> JobSpec:
+def job_spec(ctx: Context, *, packing: bool = False) -> JobSpec:
     s = ctx.settings
     return JobSpec(
         base_model=str(ctx.model_dir),
@@ -383,6 +383,7 @@ def job_spec(ctx: Context) -> JobSpec:
             max_seq_length=s.max_seq_length,
             seed=s.seed,
             warmup_steps=s.warmup_steps(len(ctx.train)),
+            packing=packing,
         ),
     ).validate()
 
@@ -390,19 +391,14 @@ def job_spec(ctx: Context) -> JobSpec:
 def run_in_process(ctx: Context, adapter_dir: Path, *, packing: bool = False) -> Run:
     """The job worker's trainer, called here: it loads the model, tokenises, trains, saves."""
     trainer = LoraTrainer(base_model=str(ctx.model_dir), device=ctx.device, dtype=ctx.dtype)
-    spec = job_spec(ctx)
-    spec = replace(spec, training=replace(spec.training, packing=packing))
-
-    def on_progress(_: Progress) -> None:
-        pass
-
+    spec = job_spec(ctx, packing=packing)
     result, seconds = timed(
         ctx.device,
         lambda: trainer(
             spec=spec,
             rows=ctx.train,
             output_dir=adapter_dir,
-            on_progress=on_progress,
+            on_progress=lambda _: None,
             should_stop=lambda: False,
         ),
     )
@@ -427,7 +423,8 @@ def start_server(ctx: Context) -> Any:
 
 
 def run_server(ctx: Context, adapter_dir: Path) -> Run:
-    """A TrainJob over gRPC, timed as its user sees it: from the call to SUCCEEDED."""
+    """A TrainJob over gRPC, timed from the call to the job's end time (read from the job,
+    so the client's polling interval is not counted)."""
     from tuneserve_client.v1 import tuneserve_pb2 as pb
 
     s, client = ctx.settings, ctx.server.client
